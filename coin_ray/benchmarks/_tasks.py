@@ -1,0 +1,249 @@
+"""One example generator per CoIN task: a procedurally drawn image, a question body and its answer.
+
+Related tasks share skills and answer formats, as in CoIN: TextVQA and OCRVQA both read words drawn in
+the same glyph font and answer with a short lower-case word; GQA, VQAv2 and VizWiz ask about the same
+coloured shapes (colour / shape / yes-no words); ImageNet (object class names), ScienceQA (option letters)
+and Grounding (boxes) each have a format of their own.
+
+Each task has two question *families*: "task" (what the benchmark trains and tests) and "base" (other
+questions in the same answer format, used only to instruction-pretrain the stage-0 base). A family is a
+disjoint set of question types, so the base learns the formats without learning the tasks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from coin_ray.benchmarks._draw import (COLORS, OBJECT_CLASSES, SHAPES, canvas, draw_object, draw_shape, draw_text,
+                                       finish, text_width)
+
+__all__ = ["Example", "FAMILIES", "GENERATORS", "SIGN_WORDS", "TITLE_WORDS", "GENRES", "MIN_IMAGE_SIZE"]
+
+MIN_IMAGE_SIZE = 16  # below this the 3x5 glyphs and 4 shapes per scene no longer fit
+FAMILIES = ("task", "base")
+SIGN_WORDS = ("bar", "bus", "exit", "open", "park", "sale", "stop", "taxi")  # TextVQA: read a sign
+TITLE_WORDS = ("city", "dawn", "echo", "gold", "moon", "rain", "star", "wolf")  # OCRVQA: read a title
+GENRES: dict[str, str] = {  # OCRVQA: a cover's colour tells its genre
+    "red": "mystery", "green": "travel", "blue": "science", "yellow": "comedy", "purple": "poetry",
+    "white": "cooking"}
+_COLOR_NAMES = tuple(COLORS)
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+_LETTERS = "ABCDE"
+
+
+@dataclass
+class Example:
+    image: Image.Image
+    body: str  # question text before the task's instruction line ("" when the instruction is the question)
+    answer: str
+    ref: str | None = None  # Grounding: the referring expression that goes into the instruction
+    answers: list[str] | None = None  # TextVQA: the 10 "human" answers
+    extra: dict = field(default_factory=dict)
+
+
+def _pick(rng: np.random.Generator, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _place(rng: np.random.Generator, width: int, height: int, n: int, side: int, grid: int = 1
+           ) -> list[tuple[int, int, int, int]]:
+    """n non-overlapping side x side boxes in a width x height image, corners on a `grid`-pixel lattice."""
+    for _ in range(200):
+        boxes: list[tuple[int, int, int, int]] = []
+        for _ in range(n):
+            x = int(rng.integers(0, (width - side) // grid + 1)) * grid
+            y = int(rng.integers(0, (height - side) // grid + 1)) * grid
+            box = (x, y, x + side, y + side)
+            if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in boxes):
+                boxes.append(box)
+        if len(boxes) == n:
+            return boxes
+    raise RuntimeError(f"could not place {n} boxes of side {side} in {width}x{height}")  # pragma: no cover
+
+
+def _scene(rng: np.random.Generator, size: int, items: list[tuple[str, str]], side: int | None = None
+           ) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
+    side = side or max(4, size // 4)
+    img = canvas(size, size, rng)
+    boxes = _place(rng, size, size, len(items), side)
+    for (colour, shape), box in zip(items, boxes):
+        draw_shape(img, shape, box, COLORS[colour], rng)
+    return finish(img, rng), boxes
+
+
+def _distinct_items(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+    """n (colour, shape) pairs with distinct shapes and distinct colours."""
+    shapes = rng.permutation(len(SHAPES))[:n]
+    colours = rng.permutation(len(_COLOR_NAMES))[:n]
+    return [(_COLOR_NAMES[c], SHAPES[s]) for c, s in zip(colours, shapes)]
+
+
+# ---------------------------------------------------------------------------------------------- ScienceQA
+def science_qa(rng: np.random.Generator, size: int, family: str) -> Example:
+    """Multiple choice over a fixed option order (shuffled orders stayed at chance for the tiny model)."""
+    if family == "task":
+        colour, shape = _distinct_items(rng, 1)[0]
+        img, _ = _scene(rng, size, [(colour, shape)], side=max(6, size // 2))
+        if rng.random() < 0.5:
+            options, question, answer = SHAPES, "Which shape is shown in the picture?", shape
+        else:
+            options, question, answer = _COLOR_NAMES[:5], "Which color is the shape?", colour
+            if colour not in options:  # 5 options max (A-E): redraw the one colour that has no letter
+                return science_qa(rng, size, family)
+    else:
+        n = int(rng.integers(1, 5))
+        img, _ = _scene(rng, size, [(_pick(rng, _COLOR_NAMES), _pick(rng, SHAPES)) for _ in range(n)])
+        options, question, answer = _NUMBER_WORDS[1:5], "How many objects are there?", _NUMBER_WORDS[n]
+    lines = [question] + [f"{_LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
+    return Example(img, "\n".join(lines), _LETTERS[list(options).index(answer)])
+
+
+# ---------------------------------------------------------------------------------------------- sign / cover text
+def _text_scale(size: int, text: str, width: int) -> int:
+    return max(1, min(size // 16, (width - 2) // text_width(text, 1)))
+
+
+def text_vqa(rng: np.random.Generator, size: int, family: str) -> Example:
+    """A sign in a scene; the answer is the word (task) or digit (base) written on it."""
+    text = _pick(rng, SIGN_WORDS) if family == "task" else str(int(rng.integers(0, 10)))
+    scale = _text_scale(size, text, size)
+    tw, th = text_width(text, scale), 5 * scale
+    img = canvas(size, size, rng)
+    pad = max(1, scale)
+    x = int(rng.integers(0, size - tw - 2 * pad + 1))
+    y = int(rng.integers(0, size - th - 2 * pad + 1))
+    sign = COLORS[_pick(rng, ("red", "green", "blue"))]
+    img.paste(sign, (x, y, x + tw + 2 * pad, y + th + 2 * pad))
+    draw_text(img, text, (x + pad, y + pad), (250, 250, 250), scale)
+    question = "What is written on the sign?" if family == "task" else "What number is on the sign?"
+    return Example(finish(img, rng), question, text, answers=[text] * 10)
+
+
+def ocr_vqa(rng: np.random.Generator, size: int, family: str) -> Example:
+    """A portrait book cover (padded to square by the model): title word on a colour band."""
+    width, height = max(MIN_IMAGE_SIZE * 3 // 4, size * 3 // 4), size
+    colour = _pick(rng, _COLOR_NAMES)
+    title = _pick(rng, TITLE_WORDS)
+    img = canvas(width, height, rng, background=COLORS[colour])
+    scale = _text_scale(size, title, width)
+    tw, th = text_width(title, scale), 5 * scale
+    y = int(rng.integers(1, max(2, height // 2 - th)))
+    img.paste((20, 20, 20), (0, y - 1, width, y + th + 1))
+    draw_text(img, title, ((width - tw) // 2, y), (250, 250, 250), scale)
+    if family == "task":
+        return Example(finish(img, rng), "What is the title of this book?", title)
+    return Example(finish(img, rng), "What is the genre of this book?", GENRES[colour])
+
+
+# ---------------------------------------------------------------------------------------------- ImageNet
+def image_net(rng: np.random.Generator, size: int, family: str) -> Example:
+    """One object, centred-ish; the question is the instruction itself."""
+    name = _pick(rng, OBJECT_CLASSES) if family == "task" else _pick(rng, SHAPES)
+    side = int(rng.integers(size // 2, size * 3 // 4 + 1))
+    x, y = (int(rng.integers(0, size - side + 1)) for _ in range(2))
+    img = canvas(size, size, rng)
+    if family == "task":
+        draw_object(img, name, (x, y, x + side, y + side), rng)
+    else:
+        draw_shape(img, name, (x, y, x + side, y + side), COLORS[_pick(rng, _COLOR_NAMES)], rng)
+    return Example(finish(img, rng), "", name)
+
+
+# ---------------------------------------------------------------------------------------------- GQA
+def gqa(rng: np.random.Generator, size: int, family: str) -> Example:
+    """Compositional questions about 2-3 distinct coloured shapes."""
+    items = _distinct_items(rng, int(rng.integers(2, 4)))
+    img, boxes = _scene(rng, size, items)
+    (c0, s0), (c1, s1) = items[0], items[1]
+    if family == "task":
+        kind = int(rng.integers(3))
+        if kind == 0:
+            return Example(img, f"What shape is the {c0} object?", s0)
+        left = (boxes[0][0] + boxes[0][2]) < (boxes[1][0] + boxes[1][2])
+        if kind == 1:
+            return Example(img, f"Is the {s0} to the left of the {s1}?", "yes" if left else "no")
+        return Example(img, f"Which side of the {s1} is the {s0} on?", "left" if left else "right")
+    absent = [c for c in _COLOR_NAMES if c not in {c for c, _ in items}]
+    colour = c0 if rng.random() < 0.5 else _pick(rng, absent)
+    return Example(img, f"Are there any {colour} objects?", "yes" if colour == c0 else "no")
+
+
+# ---------------------------------------------------------------------------------------------- VQAv2
+def vqa_v2(rng: np.random.Generator, size: int, family: str) -> Example:
+    """Counting and yes/no (task) or colour (base) questions about 1-4 coloured shapes."""
+    n = int(rng.integers(1, 5))
+    items = [(_pick(rng, _COLOR_NAMES), _pick(rng, SHAPES)) for _ in range(n)]
+    if family == "base":
+        items = _distinct_items(rng, n)
+        img, _ = _scene(rng, size, items)
+        return Example(img, f"What color is the {items[0][1]}?", items[0][0])
+    img, _ = _scene(rng, size, items)
+    if rng.random() < 0.5:
+        shape = _pick(rng, SHAPES)
+        count = sum(s == shape for _, s in items)
+        return Example(img, f"How many {shape}s are there?", str(count))
+    if rng.random() < 0.5:
+        colour, shape = items[0]
+    else:
+        colour, shape = _pick(rng, _COLOR_NAMES), _pick(rng, SHAPES)
+    return Example(img, f"Is there a {colour} {shape}?", "yes" if (colour, shape) in items else "no")
+
+
+# ---------------------------------------------------------------------------------------------- VizWiz
+def viz_wiz(rng: np.random.Generator, size: int, family: str) -> Example:
+    """One big shape photographed badly: a third of the photos are too dark or too noisy -> Unanswerable."""
+    colour, shape = _distinct_items(rng, 1)[0]
+    img, _ = _scene(rng, size, [(colour, shape)], side=max(6, size * 5 // 8))
+    if family == "task":
+        question, answer = "What color is this?", colour
+    else:
+        question, answer = "What shape is this?", shape
+    u = rng.random()
+    if u < 1 / 6:  # too dark
+        img = Image.fromarray((np.asarray(img, dtype=np.float32) * 0.08).astype(np.uint8))
+        answer = "Unanswerable"
+    elif u < 2 / 6:  # blown out by noise
+        arr = np.asarray(img, dtype=np.float32)
+        noise = rng.integers(0, 256, size=arr.shape).astype(np.float32)
+        img = Image.fromarray((0.15 * arr + 0.85 * noise).astype(np.uint8))
+        answer = "Unanswerable"
+    return Example(img, question, answer)
+
+
+# ---------------------------------------------------------------------------------------------- Grounding
+def grounding(rng: np.random.Generator, size: int, family: str) -> Example:
+    """A landscape scene (padded to square by the model); the box of one shape, normalised to the padded
+    square as CoIN's RefCOCO boxes are. Corners sit on a size/8 lattice so the answer digits are learnable."""
+    width, height = size, max(MIN_IMAGE_SIZE * 3 // 4, size * 3 // 4)
+    grid = max(1, size // 8)
+    side = 2 * grid if family == "base" else int(rng.choice([2 * grid, 3 * grid]))
+    n = 1 if family == "base" else int(rng.integers(2, 4))
+    items = _distinct_items(rng, n)
+    img = canvas(width, height, rng)
+    boxes = _place(rng, width, height, n, side, grid)
+    for (colour, shape), box in zip(items, boxes):
+        draw_shape(img, shape, box, COLORS[colour], rng)
+    target = int(rng.integers(n))
+    colour, shape = items[target]
+    ref = "the object" if family == "base" else (f"the {colour} {shape}" if rng.random() < 0.5 else f"the {shape}")
+    x0, y0, x1, y1 = boxes[target]
+    side_sq = max(width, height)
+    dx, dy = (side_sq - width) / 2, (side_sq - height) / 2
+    coords = [(x0 + dx) / side_sq, (y0 + dy) / side_sq, (x1 + dx) / side_sq, (y1 + dy) / side_sq]
+    answer = "[" + ", ".join(f"{c:.2f}" for c in coords) + "]"
+    return Example(finish(img, rng), "", answer, ref=ref, extra={"size": [width, height]})
+
+
+GENERATORS: dict[str, Callable[[np.random.Generator, int, str], Example]] = {
+    "ScienceQA": science_qa,
+    "TextVQA": text_vqa,
+    "ImageNet": image_net,
+    "GQA": gqa,
+    "VizWiz": viz_wiz,
+    "Grounding": grounding,
+    "VQAv2": vqa_v2,
+    "OCRVQA": ocr_vqa,
+}

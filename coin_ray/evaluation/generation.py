@@ -1,0 +1,132 @@
+"""Evaluate a model on one task's test split: batched greedy generation, the task scorer, the judge.
+
+Sharded across Ray Train workers: rank r takes rows r, r + W, r + 2W, ... of the split, and the
+per-example scores are gathered so every rank returns the same cell.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from coin_ray.tasks import get_task
+
+
+def iter_test_batches(split_dir: str | Path, batch_size: int, rank: int = 0, world: int = 1,
+                      max_rows: int | None = None) -> Iterator[dict[str, Any]]:
+    """Stream a preprocessed test split (Parquet written by `pipelines`) in batches, this rank's rows only."""
+    import pyarrow.dataset as pads
+
+    import ray.data  # noqa: F401  (registers Ray's Arrow tensor extension types used by pixel_values)
+
+    files = sorted(str(p) for p in Path(split_dir).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files in {split_dir}: run pipelines/preprocess.py for this task first")
+    dataset = pads.dataset(files, format="parquet")
+    index = 0
+    pending: list[dict[str, Any]] = []
+    for record_batch in dataset.to_batches(batch_size=max(batch_size * world, 64)):
+        columns = {name: _column_values(record_batch.column(name)) for name in record_batch.schema.names}
+        n = record_batch.num_rows
+        for i in range(n):
+            if max_rows is not None and index >= max_rows:
+                break
+            if index % world == rank:
+                pending.append({name: values[i] for name, values in columns.items()})
+            index += 1
+            if len(pending) == batch_size:
+                yield _stack(pending)
+                pending = []
+        if max_rows is not None and index >= max_rows:
+            break
+    if pending:
+        yield _stack(pending)
+
+
+def _column_values(column: Any) -> list[Any]:
+    if hasattr(column.type, "to_pandas_dtype") and type(column.type).__name__.startswith("Arrow") and hasattr(column, "to_numpy"):
+        try:
+            return list(column.to_numpy(zero_copy_only=False))
+        except TypeError:
+            return list(column.to_numpy())
+    return column.to_pylist()
+
+
+def _stack(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {name: [row[name] for row in rows] for name in rows[0]}
+
+
+def evaluate_task(model: torch.nn.Module, processor: Any, task: str, split_dir: str | Path, *,
+                  batch_size: int, device: torch.device, rank: int = 0, world: int = 1,
+                  max_rows: int | None = None, judge: Any = None, max_predictions: int = 20,
+                  autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """One evaluation cell: mean task score in [0, 1] over the split, the mean judge score (or None),
+    judge failures, and up to `max_predictions` sample predictions."""
+    from coin_ray.models import generate_batch
+
+    spec = get_task(task)
+    rows: list[dict[str, Any]] = []
+    model.eval()
+    for batch in iter_test_batches(split_dir, batch_size, rank, world, max_rows):
+        pixel_values = torch.as_tensor(np.stack([np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]))
+        pixel_values = pixel_values.reshape(len(batch["input_ids"]), *_pixel_shape(batch, pixel_values))
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            replies = generate_batch(model, processor, [list(map(int, ids)) for ids in batch["input_ids"]],
+                                     pixel_values.to(device), max_new_tokens=spec.max_new_tokens)
+        for i, reply in enumerate(replies):
+            reference = json.loads(batch["reference"][i])
+            rows.append({
+                "question_id": str(batch["question_id"][i]),
+                "question": batch["question"][i],
+                "reference": reference,
+                "prediction": reply,
+                "score": float(spec.score(reply, reference)),
+            })
+    if judge is not None and rows:
+        result = judge.score([spec.question_for_judge(r["question"]) for r in rows],
+                             [_reference_text(r["reference"]) for r in rows], [r["prediction"] for r in rows])
+        for r, s in zip(rows, result.scores):
+            r["knowledge"] = s
+    rows = _gather(rows, world)
+    rows.sort(key=lambda r: r["question_id"])
+    scores = [r["score"] for r in rows]
+    knowledge = [r.get("knowledge") for r in rows] if judge is not None else []
+    judged = [k for k in knowledge if k is not None]
+    return {
+        "task": task,
+        "n": len(rows),
+        "score": float(np.mean(scores)) if scores else None,
+        "knowledge": float(np.mean(judged)) if judged else None,
+        "knowledge_failures": len(knowledge) - len(judged),
+        "predictions": [{**r, "task": task} for r in rows[:max_predictions]],
+    }
+
+
+def _pixel_shape(batch: dict[str, Any], stacked: torch.Tensor) -> tuple[int, ...]:
+    if stacked.dim() == 4:
+        return tuple(stacked.shape[1:])
+    shape = batch.get("pixel_shape")
+    if shape is not None:
+        return tuple(int(s) for s in shape[0])
+    side = int(round((stacked.shape[1] / 3) ** 0.5))
+    return (3, side, side)
+
+
+def _reference_text(reference: Any) -> str:
+    if isinstance(reference, list):
+        # the most common human answer stands for the ground truth
+        return max(set(reference), key=reference.count) if reference else ""
+    return str(reference)
+
+
+def _gather(rows: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
+    if world <= 1:
+        return rows
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, rows)
+    return [r for part in parts for r in part]

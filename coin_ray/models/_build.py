@@ -1,0 +1,162 @@
+"""Build a LLaVA-style VLM: a tiny one from config (offline, CPU-sized) or a local pretrained folder.
+
+Both give a transformers ``LlavaForConditionalGeneration`` (or whatever AutoModelForImageTextToText
+resolves a folder to) and a real ``LlavaProcessor``, so everything downstream runs one code path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+)
+
+from coin_ray.models._tokenizer import build_tokenizer
+
+__all__ = ["build_tiny_vlm", "load_vlm", "build_vlm"]
+
+_DTYPES = {"auto": "auto", "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def build_tiny_vlm(
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    vision_heads: int = 4,
+    hidden: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 256,
+    initializer_range: float = 0.1,
+    seed: int = 0,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A randomly initialised LLaVA (CLIP vision tower + Llama LM + 2-layer GELU projector) and its processor.
+
+    The image becomes (image_size / patch_size)^2 tokens (CLS dropped, as LLaVA-1.5 does). Unlike LLaVA-1.5
+    the projector reads the *last* vision layer: with 2 layers, reading layer -2 would leave a layer unused
+    (wasted compute, and an error under DDP with a trainable tower). initializer_range 0.1 (not Llama's
+    0.02) lets the LM learn in a few hundred steps (measured, issue 8).
+    """
+    problems = []
+    for name, value in (("image_size", image_size), ("patch_size", patch_size), ("vision_hidden", vision_hidden),
+                        ("vision_layers", vision_layers), ("vision_heads", vision_heads), ("hidden", hidden),
+                        ("layers", layers), ("heads", heads), ("intermediate", intermediate)):
+        if value < 1:
+            problems.append(f"{name} must be >= 1, got {value}")
+    if not problems:
+        if image_size % patch_size:
+            problems.append(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size}): "
+                            f"use image_size={image_size - image_size % patch_size or patch_size}")
+        if hidden % heads:
+            problems.append(f"hidden ({hidden}) must be divisible by heads ({heads})")
+        if vision_hidden % vision_heads:
+            problems.append(f"vision_hidden ({vision_hidden}) must be divisible by vision_heads ({vision_heads})")
+    if initializer_range <= 0:
+        problems.append(f"initializer_range must be > 0, got {initializer_range}")
+    if problems:
+        raise ValueError("invalid tiny VLM sizes: " + "; ".join(problems))
+
+    tokenizer = build_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+    num_image_tokens = (image_size // patch_size) ** 2
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        initializer_range=initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=num_image_tokens,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.eval()
+    gen = model.generation_config
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    gen.do_sample = False
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+    )
+    return model, processor
+
+
+def load_vlm(path: str | Path, dtype: str | torch.dtype = "auto") -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A local checkpoint folder (e.g. llava-1.5-7b-hf, or a saved tiny model) with its processor.
+
+    Never downloads: ``local_files_only=True``. The PIL image backend is chosen automatically when
+    torchvision is absent. dtype: "auto" (as saved), "fp32", "bf16", "fp16" or a torch.dtype.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model source {str(path)!r} is not a local folder: pass 'tiny' for the built-in model or the path "
+            "of a checkpoint folder holding config.json (e.g. llava-1.5-7b-hf); nothing is downloaded")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json: is it a transformers checkpoint?")
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
+        dtype = _DTYPES[dtype]
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    model.eval()
+    return model, processor
+
+
+def build_vlm(source: str = "tiny", **tiny_kwargs: Any) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """"tiny" -> build_tiny_vlm(**tiny_kwargs); anything else -> load_vlm(source) (tiny_kwargs must be empty,
+    except ``dtype``)."""
+    if source == "tiny":
+        return build_tiny_vlm(**tiny_kwargs)
+    extra = sorted(set(tiny_kwargs) - {"dtype"})
+    if extra:
+        raise ValueError(f"tiny-model sizes {extra} only apply to source='tiny', got source={source!r}")
+    return load_vlm(source, **tiny_kwargs)

@@ -1,0 +1,137 @@
+"""Order-sensitivity analysis of a sweep (pure functions over finished trials; no Ray, no MLflow).
+
+Each trial is a dict with `order` (task names in training order), `seed`, `matrix` (matrix[i][j] = score on
+order[j] after stage i) and `metrics` (cl_metrics). The analysis separates the order effect from seed noise:
+a one-way ANOVA with the order as factor and seeds as replicates gives the share of variance between orders
+(eta squared) and a p-value; with one seed per order, order and noise cannot be told apart, and it says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class OrderAnalysis:
+    per_order: pd.DataFrame  # order, n_seeds, mean, std, min, max of the chosen metric
+    variance: dict[str, Any]  # between/within variance, eta_squared, F, p_value, verdict
+    task_spread: pd.DataFrame  # per task: final accuracy mean/min/max/std across orders
+    position: pd.DataFrame  # task x position: mean final accuracy when the task is trained at that position
+    carry_over: pd.DataFrame | None  # A (row) trained right before B (col): mean drop of A's score after B
+    carry_over_gain: pd.DataFrame | None = None  # A right before B: B's just-learned score minus B's mean
+    notes: list[str] = field(default_factory=list)
+
+
+def _final_scores(trial: dict[str, Any]) -> dict[str, float]:
+    order, matrix = trial["order"], trial["matrix"]
+    return {t: matrix[-1][j] for j, t in enumerate(order) if matrix[-1][j] is not None}
+
+
+def analyse_orders(trials: Sequence[dict[str, Any]], metric: str = "mfn", alpha: float = 0.05) -> OrderAnalysis:
+    if not trials:
+        raise ValueError("no finished trials to analyse")
+    rows = [{"order": ">".join(t["order"]), "seed": t.get("seed", 0), "value": t["metrics"].get(metric)} for t in trials]
+    df = pd.DataFrame(rows).dropna(subset=["value"])
+    per_order = (df.groupby("order")["value"].agg(n_seeds="count", mean="mean", std="std", min="min", max="max")
+                 .reset_index().sort_values("mean", ascending=False))
+    variance = _anova(df, alpha)
+    notes = [variance["verdict"]]
+
+    tasks = sorted({t for tr in trials for t in tr["order"]})
+    finals = pd.DataFrame([{**_final_scores(tr), "order": ">".join(tr["order"])} for tr in trials])
+    spread = pd.DataFrame({
+        "task": tasks,
+        "mean": [finals[t].mean() for t in tasks],
+        "min": [finals[t].min() for t in tasks],
+        "max": [finals[t].max() for t in tasks],
+        "std": [finals[t].std(ddof=0) for t in tasks],
+    })
+    spread["range"] = spread["max"] - spread["min"]
+
+    n = max(len(tr["order"]) for tr in trials)
+    pos = pd.DataFrame(np.nan, index=tasks, columns=[f"pos{p + 1}" for p in range(n)])
+    acc: dict[tuple[str, int], list[float]] = {}
+    for tr in trials:
+        fs = _final_scores(tr)
+        for p, t in enumerate(tr["order"]):
+            if t in fs:
+                acc.setdefault((t, p), []).append(fs[t])
+    for (t, p), vals in acc.items():
+        pos.loc[t, f"pos{p + 1}"] = float(np.mean(vals))
+
+    carry, gain = _carry_over(trials, tasks)
+    return OrderAnalysis(per_order=per_order, variance=variance, task_spread=spread, position=pos,
+                         carry_over=carry, carry_over_gain=gain, notes=notes)
+
+
+def _anova(df: pd.DataFrame, alpha: float) -> dict[str, Any]:
+    groups = [g["value"].to_numpy(float) for _, g in df.groupby("order")]
+    k, n = len(groups), len(df)
+    out: dict[str, Any] = {"orders": k, "runs": n}
+    if k < 2:
+        out["verdict"] = "only one order: no order effect can be measured"
+        return out
+    grand = df["value"].mean()
+    ss_between = sum(len(g) * (g.mean() - grand) ** 2 for g in groups)
+    ss_within = sum(((g - g.mean()) ** 2).sum() for g in groups)
+    ss_total = ss_between + ss_within
+    out.update(ss_between=float(ss_between), ss_within=float(ss_within),
+               eta_squared=float(ss_between / ss_total) if ss_total > 0 else float("nan"))
+    if n - k <= 0:
+        out["verdict"] = ("one seed per order: the order effect cannot be separated from seed noise; "
+                          "rerun with --seeds 2 or more")
+        return out
+    ms_between = ss_between / (k - 1)
+    ms_within = ss_within / (n - k)
+    from scipy import stats
+
+    f = ms_between / ms_within if ms_within > 0 else float("inf")
+    p = float(stats.f.sf(f, k - 1, n - k)) if np.isfinite(f) else 0.0
+    out.update(F=float(f), p_value=p, seed_std=float(np.sqrt(ms_within)))
+    out["verdict"] = (f"order effect distinguishable from seed noise (F={f:.2f}, p={p:.3g}, "
+                      f"{100 * out['eta_squared']:.0f}% of variance between orders)" if p < alpha else
+                      f"order differences are NOT distinguishable from seed noise (F={f:.2f}, p={p:.3g}, "
+                      f"{100 * out['eta_squared']:.0f}% of variance between orders)")
+    return out
+
+
+def _carry_over(trials: Sequence[dict[str, Any]], tasks: list[str]) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    drop: dict[tuple[str, str], list[float]] = {}
+    learned: dict[tuple[str, str], list[float]] = {}
+    diag: dict[str, list[float]] = {}
+    for tr in trials:
+        order, m = tr["order"], tr["matrix"]
+        for i, t in enumerate(order):
+            if m[i][i] is not None:
+                diag.setdefault(t, []).append(m[i][i])
+        for i in range(len(order) - 1):
+            a, b = order[i], order[i + 1]
+            if m[i][i] is not None and m[i + 1][i] is not None:
+                drop.setdefault((a, b), []).append(m[i][i] - m[i + 1][i])
+            if m[i + 1][i + 1] is not None:
+                learned.setdefault((a, b), []).append(m[i + 1][i + 1])
+    if not drop:
+        return None, None
+    carry = pd.DataFrame(np.nan, index=tasks, columns=tasks)
+    gain = pd.DataFrame(np.nan, index=tasks, columns=tasks)
+    for (a, b), vals in drop.items():
+        carry.loc[a, b] = float(np.mean(vals))
+    for (a, b), vals in learned.items():
+        gain.loc[a, b] = float(np.mean(vals) - np.mean(diag[b]))
+    return carry, gain
+
+
+def format_analysis(a: OrderAnalysis, metric: str = "mfn") -> str:
+    """Plain-text report for the terminal."""
+    fmt = lambda x: f"{x:.3f}"  # noqa: E731
+    parts = [f"Order sensitivity ({metric}, mean over seeds):", a.per_order.to_string(index=False, float_format=fmt),
+             "", "Verdict: " + a.variance["verdict"], "",
+             "Final accuracy per task across orders:", a.task_spread.to_string(index=False, float_format=fmt), "",
+             "Final accuracy by training position (rows: task):", a.position.to_string(float_format=fmt)]
+    if a.carry_over is not None:
+        parts += ["", "Carry-over: drop of A's score when B is trained right after A (rows A, cols B):",
+                  a.carry_over.to_string(float_format=fmt)]
+    return "\n".join(parts)

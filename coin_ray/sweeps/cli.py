@@ -1,0 +1,191 @@
+"""Shared command-line plumbing of the sweep scripts: flags, presets, YAML config, pre-flight checks,
+Ray start-up and the closing report. The scripts in sweeps/ stay readable top to bottom."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from coin_ray.config import ConfigError, ExperimentConfig
+
+
+class UsageError(ValueError):
+    """Bad command-line input, reported as one line before anything starts."""
+
+
+# Budgets of the embedded defaults, measured on 2 CPU cores (see README "Numbers").
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "train.max_steps": 120, "train.batch_size": 16, "train.lr": 2e-3,
+        "data.train_rows": 240, "data.test_rows": 40, "eval.batch_size": 40,
+        "model.pretrain_steps": 300,
+    },
+    "smoke": {
+        "train.max_steps": 60, "train.batch_size": 16, "train.lr": 2e-3,
+        "data.train_rows": 160, "data.test_rows": 24, "eval.batch_size": 24,
+        "model.pretrain_steps": 200,
+    },
+}
+SMOKE_TASKS = ("ScienceQA", "TextVQA", "ImageNet")
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("experiment")
+    g.add_argument("--config", help="YAML experiment config (e.g. configs/coin_llava7b.yaml); flags override it")
+    g.add_argument("--tasks", help="comma-separated CoIN tasks (default: all 8 CoIN task types)")
+    g.add_argument("--seeds", type=int, default=1, help="replicates: run every configuration with seeds 0..N-1")
+    g.add_argument("--smoke-test", action="store_true", help="3 tasks, tiny budgets: a minutes-long check")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set tuner.rank=32 --set train.lr=1e-3")
+    g.add_argument("--no-cache", action="store_true", help="do not share or reuse stages across trials/sweeps")
+    g.add_argument("--name", help="sweep name (default derived from the script and options; deterministic)")
+    s = p.add_argument_group("scale")
+    s.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray on this machine's CPUs)")
+    s.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    s.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (data parallel); 0 = in-process")
+    s.add_argument("--gpus-per-worker", type=float, help="GPUs per Train worker (turns on use_gpu when > 0)")
+    s.add_argument("--max-concurrent-trials", type=int, help="trials at once (default: what the cluster fits)")
+    s.add_argument("--storage-path", help="where checkpoints, the stage store and Tune state go (shared on a cluster)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted sweep from its storage path")
+    t = p.add_argument_group("tracking")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    t.add_argument("--experiment", help="MLflow experiment name")
+    t.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise UsageError(f"--set takes KEY=VALUE, got {pair!r} (e.g. --set tuner.rank=32)")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def build_base_config(args: argparse.Namespace, *, default_experiment: str) -> ExperimentConfig:
+    """Preset < YAML < flags. Every problem is reported together (ConfigError)."""
+    import yaml
+
+    raw: dict[str, Any] = dict(PRESETS["smoke" if args.smoke_test else "default"])
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"--config {path}: no such file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        for section, value in loaded.items():
+            if isinstance(value, dict):
+                raw.update({f"{section}.{k}": v for k, v in value.items()})
+            else:
+                raw[section] = value
+    if args.tasks:
+        raw["order"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    elif args.smoke_test:
+        raw["order"] = list(SMOKE_TASKS)
+    elif "order" not in raw:
+        from coin_ray.tasks import TASK_NAMES
+
+        raw["order"] = list(TASK_NAMES)
+    if args.workers_per_trial is not None:
+        raw["scaling.num_workers"] = args.workers_per_trial
+    if args.gpus_per_worker:
+        raw["scaling.use_gpu"] = True
+        raw["scaling.gpus_per_worker"] = args.gpus_per_worker
+    if args.storage_path:
+        raw["storage_path"] = args.storage_path
+    raw.setdefault("storage_path", "runs")
+    if args.no_cache:
+        raw["use_stage_cache"] = False
+    if args.tracking_uri:
+        raw["tracking.tracking_uri"] = args.tracking_uri
+    if args.experiment:
+        raw["tracking.experiment"] = args.experiment
+    raw.setdefault("tracking.experiment", default_experiment)
+    raw.update(parse_overrides(args.set))
+    if len(raw["order"]) < 2:
+        raise UsageError(f"--tasks needs at least 2 tasks for an order study, got {raw['order']}")
+    return ExperimentConfig.from_dict(raw)
+
+
+def check_storage(path: str) -> None:
+    if "://" in path:
+        return  # cloud URIs are checked by Ray when it writes
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-probe-{uuid.uuid4().hex[:8]}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--storage-path {path} is not writable ({e.strerror}): pass a folder you can write to")
+
+
+def init_ray(args: argparse.Namespace) -> None:
+    import ray
+
+    if args.address and args.address not in ("auto", "local") and not args.address.startswith("ray://"):
+        host, _, port = args.address.rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+                pass
+        except (OSError, ValueError):
+            raise UsageError(f"Ray cluster at --address {args.address} does not answer: start it with `ray start --head` "
+                             f"or leave --address out to run on this machine") from None
+    if args.address:
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ctx.execution_options.preserve_order = True
+
+
+def default_concurrency(cfg: ExperimentConfig, requested: int | None) -> int:
+    import ray
+
+    if requested:
+        return requested
+    cpus = ray.cluster_resources().get("CPU", 1)
+    per_trial = max(cfg.scaling.num_workers, 1) * cfg.scaling.cpus_per_worker
+    # leave one CPU for Ray Data ingest
+    return max(1, int((cpus - 1) // per_trial))
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def run_main(main) -> None:
+    """Run a script's main(); user errors become one clear line and exit code 2."""
+    from coin_ray.sweeps.designs import DesignError
+    from coin_ray.training import RunSetupError
+
+    try:
+        main()
+    except ConfigError as e:
+        fail(str(e))
+    except (UsageError, DesignError, RunSetupError, FileNotFoundError) as e:
+        fail(str(e))
+    except Exception as e:  # tracking server down etc.: keep the message, lose the traceback noise
+        if type(e).__name__ in ("TrackingUnavailableError", "UnknownTaskError", "PipelineInputError"):
+            fail(str(e))
+        raise
+
+
+def default_sweep_name(script: str, design: str, count: int | None, tasks: list[str], args: argparse.Namespace) -> str:
+    """Deterministic: the same command gives the same name, so a rerun or --resume finds the sweep."""
+    abbrev = "+".join(t[:4] for t in tasks)
+    parts = [script, design + (str(count) if count else ""), abbrev, f"seeds{args.seeds}"]
+    if args.smoke_test:
+        parts.append("smoke")
+    return "-".join(parts)

@@ -1,0 +1,68 @@
+"""The start and the end of a sweep script: pre-flight checks, data preparation, and the closing report
+(table, order analysis, MLflow sweep-run artifacts, how to open the MLflow UI)."""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from coin_ray.config import ExperimentConfig
+from coin_ray.sweeps import cli
+from coin_ray.sweeps.runner import SweepOutcome, SweepSpec, trials_table
+
+
+def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
+    """Everything that can be wrong before a trial starts: storage, tracking server, Ray address."""
+    cli.check_storage(cfg.storage_path)
+    if not args.no_tracking:
+        from tracking import check_tracking_uri
+
+        check_tracking_uri(cfg.tracking.tracking_uri)
+    cli.init_ray(args)
+
+
+def prepare(cfg: ExperimentConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from coin_ray.training import prepare_data
+
+    started = time.time()
+    prepared = prepare_data(cfg)
+    print(f"[coin-ray] data ready in {time.time() - started:.1f} s: {prepared['benchmark']} benchmark, "
+          f"{len(prepared['splits'])} tasks, hash {prepared['data_hash'][:12]}, at {prepared['processed']}")
+    return prepared
+
+
+def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design: str) -> dict[str, Any]:
+    from coin_ray.sweeps.analysis import analyse_orders, format_analysis
+
+    table = trials_table(outcome.trials)
+    sort_col = metric if metric in table.columns else "mfn"
+    if sort_col in table.columns:
+        table = table.sort_values(sort_col, ascending=False)
+    print("\n=== Trials ===")
+    with_cols = [c for c in ("order", "seed", "method", "num_experts", "rank", "mft", "mfn", "bwt", "forgetting",
+                             "gk_mfn", "gk_bwt", "stages_reused", "status") if c in table.columns]
+    print(table[with_cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    finished = [t for t in outcome.trials if t["matrix"] is not None]
+    analysis = None
+    if finished:
+        analysis = analyse_orders(finished, metric=metric)
+        print("\n" + format_analysis(analysis, metric))
+    print(f"\nstages trained: {outcome.stages_trained}, stages reused from the stage store: {outcome.stages_reused}")
+    if spec.tracking and outcome.sweep_run_id:
+        from tracking import close_sweep_run, experiment_runs_url, log_sweep_results
+
+        cfg = spec.base
+        with tempfile.TemporaryDirectory() as tmp:
+            log_sweep_results(cfg.tracking.tracking_uri, outcome.sweep_run_id, table=table, analysis=analysis,
+                              metrics={"stages_trained": outcome.stages_trained,
+                                       "stages_reused": outcome.stages_reused,
+                                       "trials_finished": len(finished), "trials": len(outcome.trials)},
+                              workdir=Path(tmp))
+        close_sweep_run(cfg.tracking.tracking_uri, outcome.sweep_run_id,
+                        status="FINISHED" if len(finished) == len(outcome.trials) else "FAILED")
+        ui_cmd, url = experiment_runs_url(cfg.tracking.tracking_uri, cfg.tracking.experiment)
+        print(f"\nResults are in MLflow ({cfg.tracking.tracking_uri}), experiment {cfg.tracking.experiment!r}, "
+              f"sweep run {spec.name!r}.\nLook at them with:\n  {ui_cmd}\nthen open {url}")
+    return {"table": table, "analysis": analysis}

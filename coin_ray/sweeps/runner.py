@@ -1,0 +1,204 @@
+"""Run a sweep of continual runs with Ray Tune: one trial per (order, seed, hyper-parameters).
+
+Three layers, each a plain function (as in Ray's own examples): the per-worker stage loop
+(`coin_ray.training.loop`), the Tune-free driver (`run_continual`), and the Tune trainable here
+(`trial_trainable`) that builds a trial's config, opens its MLflow child run and calls the driver.
+Names are deterministic everywhere, so `--resume` finds every trial's state instead of duplicating it.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from coin_ray.config import ExperimentConfig
+
+ORDER_KEY = "order"
+SEED_KEY = "seed"
+HP_PREFIX = "hp."
+
+
+def trial_name(order: Sequence[str], seed: int, hparams: dict[str, Any] | None = None) -> str:
+    """Deterministic trial / MLflow run name: "<A>B>C>-s<seed>[-<hp=v,...>]"."""
+    name = f"{'>'.join(order)}-s{seed}"
+    if hparams:
+        name += "-" + ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(hparams.items()))
+    return name
+
+
+def safe_dirname(name: str) -> str:
+    readable = name.replace(">", "_").replace("=", "").replace(",", "_")[:80]
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def trial_config(base: dict[str, Any], config: dict[str, Any]) -> ExperimentConfig:
+    """The trial's ExperimentConfig from the sweep's base config and Tune's sampled values."""
+    from coin_ray.sweeps.designs import decode_random_keys
+
+    cfg = ExperimentConfig.from_dict(base)
+    if ORDER_KEY in config:
+        order = tuple(config[ORDER_KEY].split(">")) if isinstance(config[ORDER_KEY], str) else tuple(config[ORDER_KEY])
+    elif any(k.startswith("key.") for k in config):
+        tasks = list(cfg.order)
+        order = decode_random_keys(tasks, [config[f"key.{t}"] for t in tasks])
+    else:
+        order = cfg.order
+    seed = int(config.get(SEED_KEY, cfg.train.seed))
+    hparams = {k[len(HP_PREFIX):]: v for k, v in config.items() if k.startswith(HP_PREFIX)}
+    changes = dict(hparams)
+    # keep rank divisible by the expert count when both are searched (rank is total rank r)
+    if "tuner.num_experts" in changes or "tuner.rank" in changes:
+        e = int(changes.get("tuner.num_experts", cfg.tuner.num_experts))
+        r = int(changes.get("tuner.rank", cfg.tuner.rank))
+        changes["tuner.rank"] = max(e, r - r % e)
+    return cfg.replace(order=list(order), name=trial_name(order, seed, hparams), **{"train.seed": seed}, **changes)
+
+
+def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: dict[str, Any],
+                    tracking: dict[str, Any] | None) -> None:
+    """The Tune function trainable: one continual run; per-stage metrics reach Tune from the Train workers
+    (TuneReportCallback), so schedulers such as ASHA can stop a trial between stages."""
+    from coin_ray.training import run_continual
+
+    cfg = trial_config(base, config)
+    hooks_factory = None
+    if tracking is not None:
+        from tracking import MlflowTracker
+
+        hooks_factory = functools.partial(
+            MlflowTracker, tracking["tracking_uri"], tracking["experiment"], cfg.name,
+            parent_run_id=tracking.get("parent_run_id"), tags={"coin_ray.sweep": tracking.get("sweep", "")})
+    callbacks = []
+    if cfg.scaling.num_workers > 0:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    try:
+        result = run_continual(cfg, hooks_factory=hooks_factory, prepared=prepared, train_callbacks=callbacks)
+    except BaseException:
+        if tracking is not None:
+            from tracking import mark_run_failed
+
+            mark_run_failed(tracking["tracking_uri"], tracking["experiment"], cfg.name,
+                            parent_run_id=tracking.get("parent_run_id"))
+        raise
+    if cfg.scaling.num_workers == 0:
+        import ray.tune
+
+        ray.tune.report({**result.metrics, "stages_reused": len(result.stages_reused)})
+
+
+@dataclass
+class SweepSpec:
+    """Everything one sweep needs; built by sweeps/task_order.py and sweeps/hparams.py."""
+
+    name: str
+    base: ExperimentConfig
+    param_space: dict[str, Any]
+    num_samples: int = 1
+    search_alg: Any = None
+    scheduler: Any = None
+    max_concurrent_trials: int = 1
+    resume: bool = False
+    tracking: bool = True
+    sweep_params: dict[str, Any] = field(default_factory=dict)
+    verbose: int = 1
+
+
+@dataclass
+class SweepOutcome:
+    trials: list[dict[str, Any]]  # order, seed, hparams, name, matrix, metrics, status, stages_reused
+    sweep_run_id: str | None
+    experiment_id: str | None
+    stages_trained: int
+    stages_reused: int
+    storage: Path
+
+
+def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
+    import ray.tune as tune
+    from ray.tune import RunConfig, TuneConfig, Tuner
+
+    from coin_ray.training import load_run_result
+
+    cfg = spec.base
+    storage = Path(cfg.storage_path).resolve()
+    tracking = None
+    sweep_run_id = experiment_id = None
+    if spec.tracking:
+        from tracking import open_sweep_run
+
+        sweep_run_id = open_sweep_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, spec.name,
+                                      params=spec.sweep_params, tags={"coin_ray.sweep": spec.name})
+        tracking = {"tracking_uri": cfg.tracking.tracking_uri, "experiment": cfg.tracking.experiment,
+                    "parent_run_id": sweep_run_id, "sweep": spec.name}
+    trainable = tune.with_parameters(trial_trainable, base=cfg.to_dict(), prepared=prepared, tracking=tracking)
+    # The trial function only waits on fit(): give it a sliver of CPU so the Train worker and Ray Data get the cores.
+    trainable = tune.with_resources(trainable, {"CPU": 0.01} if cfg.scaling.num_workers > 0 else {"CPU": 1})
+    tune_path = storage / "tune"
+    if spec.resume and Tuner.can_restore(str(tune_path / spec.name)):
+        tuner = Tuner.restore(str(tune_path / spec.name), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = Tuner(
+            trainable,
+            param_space=spec.param_space,
+            # metric/mode live on the search algorithm and the scheduler (Tune refuses them in both places)
+            tune_config=TuneConfig(num_samples=spec.num_samples, search_alg=spec.search_alg,
+                                   scheduler=spec.scheduler, max_concurrent_trials=spec.max_concurrent_trials,
+                                   trial_name_creator=lambda t: _trial_name_of(cfg, t.config),
+                                   trial_dirname_creator=lambda t: safe_dirname(_trial_name_of(cfg, t.config))),
+            run_config=RunConfig(name=spec.name, storage_path=str(tune_path), verbose=spec.verbose),
+        )
+    grid = tuner.fit()
+
+    trials: list[dict[str, Any]] = []
+    for res in grid:
+        tcfg = trial_config(cfg.to_dict(), res.config)
+        row: dict[str, Any] = {"name": tcfg.name, "order": tcfg.order, "seed": tcfg.train.seed,
+                               "method": tcfg.tuner.method, "num_experts": tcfg.tuner.num_experts,
+                               "rank": tcfg.tuner.rank, "alpha": tcfg.tuner.alpha, "lr": tcfg.train.lr,
+                               "status": "ERROR" if res.error else "TERMINATED"}
+        try:
+            rr = load_run_result(tcfg)
+            row.update(matrix=rr.matrix, knowledge_matrix=rr.knowledge_matrix, metrics=rr.metrics,
+                       stages_reused=len(rr.stages_reused), zero_shot=rr.zero_shot)
+        except FileNotFoundError:  # stopped early (ASHA) or failed: keep what Tune saw
+            row.update(matrix=None, metrics={k: v for k, v in (res.metrics or {}).items()
+                                             if isinstance(v, (int, float))}, stages_reused=0,
+                       status="STOPPED" if not res.error else "ERROR")
+        trials.append(row)
+    finished = [t for t in trials if t["matrix"] is not None]
+    stages_total = sum(len(t["order"]) for t in finished)
+    reused = sum(t["stages_reused"] for t in finished)
+    outcome = SweepOutcome(trials=trials, sweep_run_id=sweep_run_id, experiment_id=None,
+                           stages_trained=stages_total - reused, stages_reused=reused, storage=storage)
+    return outcome
+
+
+def _trial_name_of(cfg: ExperimentConfig, config: dict[str, Any]) -> str:
+    return trial_config(cfg.to_dict(), config).name
+
+
+def trials_table(trials: list[dict[str, Any]]):
+    """One row per trial with the contract columns (order, method, E, r, MFT, MFN, BWT, forgetting...)."""
+    import pandas as pd
+
+    rows = []
+    for t in trials:
+        m = t.get("metrics") or {}
+        rows.append({"trial": t["name"], "order": ">".join(t["order"]), "seed": t["seed"], "method": t["method"],
+                     "num_experts": t["num_experts"], "rank": t["rank"], "alpha": t["alpha"], "lr": t["lr"],
+                     "status": t["status"], "stages_reused": t.get("stages_reused", 0),
+                     **{k: m.get(k, math.nan) for k in ("mft", "mfn", "maa", "bwt", "forgetting", "fwt",
+                                                        "gk_mft", "gk_mfn", "gk_bwt", "gk_forgetting")}})
+    df = pd.DataFrame(rows)
+    return df.dropna(axis=1, how="all")
+
+
+def dump_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=str))

@@ -1,0 +1,182 @@
+"""Driver of one continual run: prepare the data, then run every stage of the order on Ray Train workers
+(one Train run carries all stages, so the worker group is built once) or in-process (num_workers=0).
+
+`run_continual` is Tune-free: the sweep's trainable calls it, tests call it directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from coin_ray.config import ExperimentConfig
+from coin_ray.training.hooks import RunHooks, RunResult
+
+SYNTHETIC_TASKS_ALL = True  # the synthetic benchmark always holds all 8 tasks: one data hash for every sweep
+
+
+class RunSetupError(ValueError):
+    """The run cannot start (bad data, unplaceable resources); raised before any training."""
+
+
+def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Generate (synthetic) and preprocess the tasks once; cached by content hash under the storage path.
+
+    Returns a plain dict the workers receive: processed dir, per-task split dirs and row counts, data_hash.
+    """
+    from pipelines.preprocess import preprocess
+
+    from coin_ray.tasks import TASK_NAMES
+
+    storage = Path(cfg.storage_path).resolve()
+    d = cfg.data
+    if d.benchmark == "synthetic":
+        tasks = TASK_NAMES
+        root = ensure_synthetic_benchmark(storage, train_rows=d.train_rows, test_rows=d.test_rows,
+                                          image_size=d.image_size, seed=d.seed)
+        instructions, images = root / "Instructions", root / "images"
+    else:
+        tasks = tuple(tasks or cfg.order)
+        instructions, images = Path(d.instructions), Path(d.images)
+    model_kwargs = cfg.model.tiny_kwargs() if cfg.model.source == "tiny" else {}
+    out = Path(d.processed) if d.processed else storage / "data" / _short_hash(
+        [str(instructions), str(images), sorted(tasks), cfg.model.source, model_kwargs, d.max_length])
+    manifest = preprocess(str(instructions), str(images), list(tasks), str(out), model_source=cfg.model.source,
+                          model_kwargs=model_kwargs, max_length=d.max_length)
+    splits: dict[str, dict[str, str]] = {}
+    rows: dict[str, dict[str, int]] = {}
+    for task in tasks:
+        entry = manifest["tasks"].get(task, {})
+        test_split = "test" if "test" in entry else ("val" if "val" in entry else None)
+        if "train" not in entry or test_split is None:
+            raise RunSetupError(f"task {task} has no {'train' if 'train' not in entry else 'test'} split in {out}; "
+                                f"CoIN needs <Task>/train.json and <Task>/test.json (or val.json)")
+        splits[task] = {"train": str(out / task / "train"), "test": str(out / task / test_split)}
+        rows[task] = {"train": int(entry["train"]["rows"]), "test": int(entry[test_split]["rows"])}
+    return {"processed": str(out), "splits": splits, "rows": rows, "data_hash": manifest["content_hash"],
+            "benchmark": d.benchmark, "instructions": str(instructions), "images": str(images)}
+
+
+def ensure_synthetic_benchmark(storage: Path, **options: Any) -> Path:
+    """The built-in benchmark under <storage>/synthetic/<hash of options>, generated once (atomically)."""
+    from coin_ray.benchmarks import GENERATOR_VERSION, write_synthetic_benchmark
+
+    root = storage / "synthetic" / _short_hash([GENERATOR_VERSION, options])
+    if (root / "Instructions").is_dir():
+        return root
+    tmp = root.with_name(f".tmp-{root.name}-{uuid.uuid4().hex[:8]}")
+    write_synthetic_benchmark(tmp, **options)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # generated concurrently by another process: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _short_hash(material: Any) -> str:
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_datasets(cfg: ExperimentConfig, prepared: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """Ray Data datasets `stage_<k>` (task k's train split, capped, plus replay of past tasks), and row counts."""
+    import ray.data
+
+    datasets: dict[str, Any] = {}
+    rows: list[int] = []
+    cap = cfg.data.max_train_rows
+    for k, task in enumerate(cfg.order):
+        ds = ray.data.read_parquet(prepared["splits"][task]["train"])
+        n = prepared["rows"][task]["train"]
+        if cap is not None and cap < n:
+            ds, n = ds.limit(cap), cap
+        for past in cfg.order[:k]:
+            if cfg.train.replay_per_task > 0:
+                m = min(cfg.train.replay_per_task, prepared["rows"][past]["train"])
+                ds = ds.union(ray.data.read_parquet(prepared["splits"][past]["train"]).limit(m))
+                n += m
+        datasets[f"stage_{k}"] = ds
+        rows.append(n)
+    return datasets, rows
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    """Say so, before any training, when the cluster can never place the requested workers."""
+    import ray
+
+    if cfg.scaling.num_workers == 0:
+        return
+    total = ray.cluster_resources()
+    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise RunSetupError(
+            f"scaling.num_workers={cfg.scaling.num_workers} x cpus_per_worker={cfg.scaling.cpus_per_worker} needs "
+            f"{need_cpu:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}: lower --workers-per-trial or join a "
+            f"bigger cluster with --address")
+    if cfg.scaling.use_gpu:
+        need_gpu = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
+        if need_gpu > total.get("GPU", 0):
+            raise RunSetupError(
+                f"{cfg.scaling.num_workers} workers x {cfg.scaling.gpus_per_worker:g} GPUs need {need_gpu:g} GPUs but "
+                f"the Ray cluster has {total.get('GPU', 0):g}: drop --gpus-per-worker/use_gpu or use a GPU cluster")
+
+
+def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks] | None = None,
+                  prepared: dict[str, Any] | None = None, fail_once: dict[str, Any] | None = None,
+                  train_callbacks: list[Any] | None = None) -> RunResult:
+    """Train and evaluate every stage of `cfg.order`; resumes finished stages from the stage store.
+
+    Ray must be initialised (`ray.init`) by the caller: Ray Data serves the training shards in both modes.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise RunSetupError("Ray is not initialised: call ray.init(...) first (or use sweeps/task_order.py)")
+    prepared = prepared or prepare_data(cfg)
+    missing = [t for t in cfg.order if t not in prepared["splits"]]
+    if missing:
+        raise RunSetupError(f"tasks {missing} are not in the prepared data ({sorted(prepared['splits'])})")
+    check_resources(cfg)
+    datasets, stage_rows = stage_datasets(cfg, prepared)
+    config = {"experiment": cfg.to_dict(), "data": {**prepared, "stage_rows": stage_rows},
+              "hooks_factory": hooks_factory, "fail_once": fail_once}
+
+    from coin_ray.training.loop import WorkerEnv, continual_worker
+
+    if cfg.scaling.num_workers == 0:
+        import torch
+
+        device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+        env = WorkerEnv(rank=0, world=1, device=device, get_shard=datasets.__getitem__, in_ray_train=False)
+        return continual_worker(config, env)
+
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        continual_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.name, storage_path=str(Path(cfg.storage_path).resolve() / "ray_train"),
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             callbacks=train_callbacks or None),
+        datasets=datasets,
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    trainer.fit()
+    return load_run_result(cfg)
+
+
+def load_run_result(cfg: ExperimentConfig) -> RunResult:
+    path = Path(cfg.storage_path).resolve() / "runs" / cfg.name / "result.json"
+    d = json.loads(path.read_text())
+    d["order"] = tuple(d["order"])
+    d["stages_reused"] = tuple(d["stages_reused"])
+    return RunResult(**d)

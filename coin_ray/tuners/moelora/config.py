@@ -1,0 +1,88 @@
+"""MoELoRAConfig: the hyperparameters of one MoELoRA adapter, validated once at construction."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+def expert_problems(num_experts: int, rank: int, top_k: int | None) -> list[str]:
+    """Every broken rule among the expert-shape arguments, each with the value received and a fix.
+    Shared by MoELoRAConfig and the layer/router builders so the rules live in one place."""
+    problems = []
+    if not isinstance(num_experts, int) or num_experts < 1:
+        problems.append(f"num_experts ({num_experts!r}) must be an integer >= 1: use num_experts=4")
+    if not isinstance(rank, int) or rank < 1:
+        problems.append(f"rank ({rank!r}) must be an integer >= 1: use rank=16")
+    if not problems and rank % num_experts:
+        fix = -(-rank // num_experts) * num_experts
+        problems.append(
+            f"rank ({rank}) must be divisible by num_experts ({num_experts}): use rank={fix} "
+            "(each expert gets rank r/E)"
+        )
+    if top_k is not None and (
+        not isinstance(top_k, int) or top_k < 1 or (isinstance(num_experts, int) and top_k > num_experts)
+    ):
+        problems.append(
+            f"top_k ({top_k!r}) must be None (dense routing) or an integer in [1, num_experts={num_experts}]: "
+            f"use top_k=None or top_k={min(2, max(1, num_experts)) if isinstance(num_experts, int) else 2}"
+        )
+    return problems
+
+
+@dataclass(frozen=True)
+class MoELoRAConfig:
+    """Mixture-of-LoRA-experts adapter as CoIN defines it (see ../shared/COIN.md).
+
+    Each adapted Linear gets `num_experts` LoRA pairs of rank `rank // num_experts` (total rank `rank`, so the
+    parameter count equals a LoRA of rank `rank` plus one `in_features x num_experts` router per layer).
+    Every problem found in the values is reported at once.
+    """
+
+    num_experts: int = field(default=4, metadata={"help": "E, experts per adapted layer (CoIN tried 2, 4, 8)."})
+    rank: int = field(default=16, metadata={"help": "Total rank r over all experts; each expert has rank r / E."})
+    alpha: float = field(default=32.0, metadata={"help": "Scale numerator: the adapter output is scaled by alpha / r."})
+    dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input (not on the router input)."})
+    target_modules: str | tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "Which nn.Linear layers to adapt. None: every Linear of the language model (q,k,v,o,gate,up,down; "
+            "never the vision tower, projector or lm_head). A sequence: module-name suffixes, looked up inside the "
+            "language model only. A string: a regex that must match the full module name (anywhere in the model)."
+        },
+    )
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "Keep only the k largest gates per token and renormalise them; None = dense (CoIN)."},
+    )
+    aux_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the Switch-style load-balancing loss (0 = off, as in CoIN)."},
+    )
+    init_std: float = field(default=0.01, metadata={"help": "Std of the normal init of A (B starts at zero)."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, Sequence) and not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        problems = expert_problems(self.num_experts, self.rank, self.top_k)
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout ({self.dropout}) must be in [0, 1): use dropout=0.05")
+        if self.aux_loss_weight < 0:
+            problems.append(f"aux_loss_weight ({self.aux_loss_weight}) must be >= 0: use 0.0 (off) or e.g. 0.01")
+        if self.init_std <= 0:
+            problems.append(f"init_std ({self.init_std}) must be > 0: use init_std=0.01")
+        if self.alpha <= 0:
+            problems.append(f"alpha ({self.alpha}) must be > 0: use alpha=2*rank (CoIN: r=128, alpha=256)")
+        if isinstance(self.target_modules, tuple) and not self.target_modules:
+            problems.append("target_modules (()) is empty: use None for every Linear of the language model")
+        if problems:
+            raise ValueError("invalid MoELoRAConfig:\n  - " + "\n  - ".join(problems))
+
+    @property
+    def expert_rank(self) -> int:
+        """Rank of one expert, r / E."""
+        return self.rank // self.num_experts
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r with the total rank r, as in CoIN."""
+        return self.alpha / self.rank

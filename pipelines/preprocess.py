@@ -1,0 +1,323 @@
+"""CoIN instruction files + images -> tokenised Parquet per task/split + manifest.json (module and CLI).
+
+    python pipelines/preprocess.py --instructions DATA/Instructions --images DATA/images \
+        --tasks ScienceQA,Grounding --out runs/data [--model tiny|PATH] [--max-length 2048] \
+        [--max-rows-per-split N] [--force] [--hf-dataset TASK=PATH --hf-columns question=q,answer=a,image=img]
+
+Layout of OUT (a contract with training and evaluation):
+    OUT/<Task>/train/*.parquet   id, task, index, input_ids, labels, pixel_values, question, answer
+    OUT/<Task>/test/*.parquet    question_id, task, index, input_ids, pixel_values, question, reference, size
+    OUT/rejected.jsonl           one line per skipped record: task, split, id, index, kind, reason
+    OUT/manifest.json            {"version": 1, "content_hash", "tasks": {T: {split: {"rows", "rejected", ...}}},
+                                  "config": {...}, ...}
+Read the Parquet with `pipelines.load_split` (it selects the split's columns from the stored union schema).
+
+The driver reads and validates records (cheap); Ray Data decodes images and encodes rows in a pool of
+actors, each building the processor once, and writes Parquet. A rerun whose inputs and config hash to
+the manifest's `content_hash` returns the existing manifest; otherwise the run is written to a temp
+folder beside OUT and renamed into place, so OUT is never half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pipelines import _hf
+from pipelines._encode import PARTITION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS, Encoder, RejectionSink
+from pipelines._hashing import ContentHasher
+from pipelines._records import (PipelineInputError, Rejection, SplitRecords, read_json_list, split_files,
+                                validate_records)
+
+MANIFEST_VERSION = 1  # layout of manifest.json and of OUT
+ENCODING_VERSION = 1  # bump when the stored rows change for the same inputs (part of the content hash)
+SPLITS = ("train", "test")
+HASH_METHOD = ("sha256 over: instruction JSON bytes; HF dataset folder files (bytes if <= 16 MiB, else "
+               "size+mtime); per accepted image (relative path, size, mtime_ns); model folder files (same rule); "
+               "preprocessing config")
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """A task read from a local `datasets.save_to_disk` folder; `columns` maps CoIN fields to its columns."""
+
+    path: Path
+    columns: dict[str, str] = field(default_factory=lambda: dict(_hf.DEFAULT_COLUMNS))
+
+
+def preprocess(
+    instructions: str | Path | None,
+    images: str | Path,
+    tasks: Sequence[str] | str,
+    out: str | Path,
+    *,
+    model_source: str = "tiny",
+    model_kwargs: Mapping[str, Any] | None = None,
+    max_length: int = 2048,
+    max_rows: int | None = None,
+    force: bool = False,
+    hf_datasets: Mapping[str, HFSource] | None = None,
+    batch_size: int = 16,
+    num_actors: int | None = None,
+) -> dict[str, Any]:
+    """Preprocess `tasks` into `out` and return the manifest (reused as is when the content hash matches).
+
+    instructions: folder with <Task>/train.json and <Task>/test.json (or val.json); may be None when every
+    task comes from `hf_datasets`. images: the image root every record path is relative to.
+    max_rows: keep at most this many valid records per split (the first ones). num_actors: encoder actors
+    (default: the CPUs Ray reports). Starts a local Ray if none is running, and stops what it started.
+    """
+    started = time.perf_counter()
+    task_names = _check_args(tasks, max_length, max_rows, batch_size, num_actors)
+    hf_datasets = dict(hf_datasets or {})
+    unknown_hf = sorted(set(hf_datasets) - set(task_names))
+    if unknown_hf:
+        raise PipelineInputError(f"--hf-dataset names task(s) {unknown_hf} that are not in --tasks {task_names}")
+    if instructions is None and set(task_names) - set(hf_datasets):
+        raise PipelineInputError(f"tasks {sorted(set(task_names) - set(hf_datasets))} need --instructions "
+                                 "(only --hf-dataset tasks can do without)")
+    image_root = Path(images).expanduser().resolve()
+    if not image_root.is_dir():
+        raise PipelineInputError(f"image root {image_root} is not a folder: pass --images DIR")
+    out = Path(out).expanduser().resolve()
+    _check_out_is_ours(out)
+
+    model_kwargs = dict(model_kwargs or {})
+    config = {
+        "model_source": model_source, "model_kwargs": model_kwargs, "max_length": max_length,
+        "max_rows_per_split": max_rows, "tasks": task_names, "encoding_version": ENCODING_VERSION,
+        "hf_columns": {t: s.columns for t, s in sorted(hf_datasets.items())},
+    }
+    hasher = ContentHasher()
+    hasher.add_json("config", config)
+    if model_source != "tiny":
+        hasher.add_tree("model", Path(model_source).expanduser())
+    splits = _read_tasks(task_names, instructions, image_root, hf_datasets, max_rows, hasher)
+    content_hash = hasher.hexdigest()
+
+    manifest_path = out / "manifest.json"
+    if not force and manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("content_hash") == content_hash and manifest.get("version") == MANIFEST_VERSION:
+            print(f"[preprocess] inputs unchanged (content hash {content_hash[:12]}): reusing {out}", file=sys.stderr)
+            return manifest
+
+    tmp = out.parent / f".{out.name}.tmp-{content_hash[:12]}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    encoder_rejections = _encode(splits, tmp, model_source, model_kwargs, max_length, batch_size, num_actors)
+    rejections = [r.to_json() for s in splits for r in s.rejections] + encoder_rejections
+    rejections.sort(key=lambda r: (task_names.index(r["task"]), SPLITS.index(r["split"]), r["index"]))
+    with open(tmp / "rejected.jsonl", "w") as f:
+        for r in rejections:
+            f.write(json.dumps(r) + "\n")
+
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "content_hash": content_hash,
+        "hash_method": HASH_METHOD,
+        "tasks": _split_summary(splits, rejections, tmp),
+        "config": {**config, "instructions": None if instructions is None else str(Path(instructions).resolve()),
+                   "images": str(image_root),
+                   "hf_datasets": {t: str(s.path) for t, s in sorted(hf_datasets.items())}},
+        "columns": {"train": TRAIN_COLUMNS, "test": TEST_COLUMNS},
+        "rejected_file": "rejected.jsonl",
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _swap_into_place(tmp, out)
+    return manifest
+
+
+def _check_args(tasks: Sequence[str] | str, max_length: int, max_rows: int | None, batch_size: int,
+                num_actors: int | None) -> list[str]:
+    from coin_ray.tasks import TASK_NAMES, get_task
+
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    problems = []
+    if not names:
+        problems.append(f"--tasks is empty: name one or more of {', '.join(TASK_NAMES)}")
+    for name in names:
+        try:
+            get_task(name)
+        except (KeyError, ValueError) as e:
+            problems.append(str(e).strip("'\""))
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        problems.append(f"--tasks names {dupes} more than once: list each task once")
+    if max_length < 1:
+        problems.append(f"max_length must be >= 1, got {max_length}")
+    if max_rows is not None and max_rows < 1:
+        problems.append(f"max_rows must be >= 1 (or None for all rows), got {max_rows}")
+    if batch_size < 1:
+        problems.append(f"batch_size must be >= 1, got {batch_size}")
+    if num_actors is not None and num_actors < 1:
+        problems.append(f"num_actors must be >= 1 (or None for one per CPU), got {num_actors}")
+    if problems:
+        raise PipelineInputError("; ".join(problems))
+    return names
+
+
+def _check_out_is_ours(out: Path) -> None:
+    """Refuse to replace a folder this pipeline did not write (it would be deleted by the swap)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").is_file())):
+        raise PipelineInputError(
+            f"--out {out} exists and is not a preprocessing output (no manifest.json): choose a new folder or "
+            "empty it; the pipeline only replaces folders it wrote")
+
+
+def _read_tasks(task_names: list[str], instructions: str | Path | None, image_root: Path,
+                hf_datasets: dict[str, HFSource], max_rows: int | None, hasher: ContentHasher) -> list[SplitRecords]:
+    from coin_ray.tasks import get_task
+
+    out: list[SplitRecords] = []
+    for task in task_names:
+        reference = get_task(task).reference_from_record
+        if task in hf_datasets:
+            source = hf_datasets[task]
+            path = source.path.expanduser().resolve()
+            hasher.add_tree(f"hf/{task}", path)
+            for split, (hf_split, ds) in _hf.load_splits(path).items():
+                records = _hf.records(path, hf_split, ds, split, source.columns)
+                out.append(validate_records(task, split, f"{path}[{hf_split}]", records, image_root, reference,
+                                            max_rows))
+        else:
+            for split, path in split_files(Path(instructions).expanduser(), task).items():
+                records, raw = read_json_list(path)
+                hasher.add(f"json/{task}/{split}", raw)
+                out.append(validate_records(task, split, str(path), records, image_root, reference, max_rows))
+    for s in out:
+        hasher.add_fingerprints(f"images/{s.task}/{s.split}", s.fingerprint)
+    return out
+
+
+def _encode(splits: list[SplitRecords], tmp: Path, model_source: str, model_kwargs: dict[str, Any],
+            max_length: int, batch_size: int, num_actors: int | None) -> list[dict[str, Any]]:
+    """Run the Ray Data stage over every accepted item; returns the encoder's rejections."""
+    import ray
+    import ray.data
+
+    items = [item for s in sorted(splits, key=lambda s: SPLITS.index(s.split)) for item in s.items]
+    if not items:
+        return []
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        n_batches = math.ceil(len(items) / batch_size)
+        actors = max(1, min(num_actors or cpus, n_batches))
+        ctx = ray.data.DataContext.get_current()
+        old_order = ctx.execution_options.preserve_order
+        ctx.execution_options.preserve_order = True  # same inputs -> same row order in the files
+        sink = RejectionSink.remote()
+        try:
+            ds = ray.data.from_items(items, override_num_blocks=min(n_batches, 4 * actors))
+            ds = ds.map_batches(
+                Encoder,
+                fn_constructor_kwargs={"model_source": model_source, "model_kwargs": model_kwargs,
+                                       "max_length": max_length, "sink": sink},
+                batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=1,
+            )
+            # The writer takes no CPU of its own: the encoder actors hold every core, and a 1-CPU writer would
+            # wait for them to finish, buffering every encoded row in the object store instead of streaming.
+            ds.write_parquet(str(tmp), partition_cols=PARTITION_COLUMNS, partitioning_flavor=None,
+                             ray_remote_args={"num_cpus": 0})
+            return ray.get(sink.drain.remote())
+        finally:
+            ctx.execution_options.preserve_order = old_order
+            ray.kill(sink)
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+
+def _split_summary(splits: list[SplitRecords], rejections: list[dict[str, Any]], tmp: Path) -> dict[str, Any]:
+    """Per task/split: kept rows (read from the Parquet footers), rejected count and kinds, source."""
+    import pyarrow.parquet as pq
+
+    summary: dict[str, Any] = {}
+    for s in splits:
+        folder = tmp / s.task / s.split
+        folder.mkdir(parents=True, exist_ok=True)  # an all-rejected split still has its folder
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(folder.glob("*.parquet")))
+        kinds: dict[str, int] = {}
+        for r in rejections:
+            if r["task"] == s.task and r["split"] == s.split:
+                kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+        summary.setdefault(s.task, {})[s.split] = {
+            "rows": rows, "rejected": sum(kinds.values()), "rejected_kinds": kinds, "source": s.source}
+    return summary
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp` with renames: at every instant one complete output exists under some name."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _parse_hf(values: list[str], columns: str | None) -> dict[str, HFSource]:
+    mapping = _hf.parse_columns(columns or "")
+    sources = {}
+    for value in values:
+        task, sep, path = value.partition("=")
+        if not sep or not task or not path:
+            raise PipelineInputError(f"--hf-dataset {value!r} must be TASK=PATH, e.g. ScienceQA=/data/sqa_hf")
+        sources[task.strip()] = HFSource(Path(path.strip()), mapping)
+    return sources
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instructions", help="folder holding <Task>/train.json and test.json (or val.json)")
+    parser.add_argument("--images", required=True, help="image root; record image paths are relative to it")
+    parser.add_argument("--tasks", required=True, help="comma-separated task names, e.g. ScienceQA,Grounding")
+    parser.add_argument("--out", required=True, help="output folder (Parquet per task/split + manifest.json)")
+    parser.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint folder (its processor is used)")
+    parser.add_argument("--model-kwargs", default="{}", help='JSON kwargs for the tiny model, e.g. \'{"image_size": 336}\'')
+    parser.add_argument("--max-length", type=int, default=2048, help="max tokens per training row (answers are cut)")
+    parser.add_argument("--max-rows-per-split", type=int, default=None, help="keep the first N valid records per split")
+    parser.add_argument("--force", action="store_true", help="recompute even when the content hash matches")
+    parser.add_argument("--hf-dataset", action="append", default=[], metavar="TASK=PATH",
+                        help="read TASK from a datasets.save_to_disk folder (repeatable)")
+    parser.add_argument("--hf-columns", default=None, metavar="FIELD=COL,...",
+                        help="CoIN field -> HF column, e.g. question=q,answer=a,image=img,id=qid")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows per encoder batch")
+    parser.add_argument("--num-actors", type=int, default=None, help="encoder actors (default: one per CPU)")
+    args = parser.parse_args(argv)
+    try:
+        try:
+            model_kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as e:
+            raise PipelineInputError(f"--model-kwargs is not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(model_kwargs, dict):
+            raise PipelineInputError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+        manifest = preprocess(
+            args.instructions, args.images, args.tasks, args.out, model_source=args.model,
+            model_kwargs=model_kwargs, max_length=args.max_length, max_rows=args.max_rows_per_split,
+            force=args.force, hf_datasets=_parse_hf(args.hf_dataset, args.hf_columns),
+            batch_size=args.batch_size, num_actors=args.num_actors)
+    except PipelineInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for task, splits in manifest["tasks"].items():
+        for split, info in splits.items():
+            print(f"{task:<10} {split:<5} rows={info['rows']:<7} rejected={info['rejected']}")
+    print(f"manifest: {Path(args.out) / 'manifest.json'} (content hash {manifest['content_hash'][:12]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""MoELoRA hyper-parameter search: how many experts, what rank (and alpha, lr, method) protect old skills?
+
+    python sweeps/hparams.py                       # TPE over num_experts x rank on embedded defaults
+    python sweeps/hparams.py --smoke-test          # 4 trials on 3 tasks, minutes
+    python sweeps/hparams.py --multi-objective     # Pareto front: maximise MFN, minimise forgetting
+    python sweeps/hparams.py --config configs/coin_llava7b.yaml --address auto --gpus-per-worker 1
+
+Ray Tune with OptunaSearch; each stage reports, so ASHA stops weak trials between stages and frees their
+workers. The task order is fixed (--tasks gives it) unless --search-order adds it to the space.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from coin_ray.sweeps import cli  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-samples", type=int, default=None, help="trials (default 12; --smoke-test 4)")
+    p.add_argument("--experts", default="1,2,4,8", help="num_experts choices")
+    p.add_argument("--ranks", default="8,16,32", help="total rank choices (each made divisible by num_experts)")
+    p.add_argument("--alphas", default=None, help="alpha choices (default: 2 x rank, as CoIN)")
+    p.add_argument("--lr", default=None, help="lr range LOW,HIGH searched log-uniformly (default: fixed)")
+    p.add_argument("--methods", default="moelora", help="methods to compare: moelora,lora")
+    p.add_argument("--search-order", action="store_true", help="also search the task order (random keys)")
+    p.add_argument("--multi-objective", action="store_true", help="maximise MFN and minimise forgetting (NSGA-II)")
+    p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="stage-level early stopping")
+    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="Optuna sampler")
+    p.add_argument("--metric", default="mfn", help="metric the report sorts by")
+    cli.add_common_args(p)
+    return p.parse_args(argv)
+
+
+def _choices(text: str, cast) -> list:
+    return [cast(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv=None) -> None:
+    import ray.tune as tune
+    from optuna.samplers import NSGAIISampler, RandomSampler, TPESampler
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from coin_ray.sweeps.report import finish_sweep, preflight, prepare
+    from coin_ray.sweeps.runner import SweepSpec, run_sweep
+
+    args = parse_args(argv)
+    cfg = cli.build_base_config(args, default_experiment="coin-ray-hparams")
+    num_samples = args.num_samples or (4 if args.smoke_test else 12)
+    space: dict = {"hp.tuner.num_experts": tune.choice(_choices(args.experts, int)),
+                   "hp.tuner.rank": tune.choice(_choices(args.ranks, int))}
+    if args.alphas:
+        space["hp.tuner.alpha"] = tune.choice(_choices(args.alphas, float))
+    if args.lr:
+        low, high = _choices(args.lr, float)
+        space["hp.train.lr"] = tune.loguniform(low, high)
+    methods = _choices(args.methods, str)
+    if len(methods) > 1:
+        space["hp.tuner.method"] = tune.choice(methods)
+    elif methods != [cfg.tuner.method]:
+        cfg = cfg.replace(**{"tuner.method": methods[0]})
+    if args.search_order:
+        space.update({f"key.{t}": tune.uniform(0.0, 1.0) for t in cfg.order})
+    if args.seeds > 1:
+        raise cli.UsageError("--seeds is for task_order.py; for hparams.py repeat the sweep with --set train.seed=N")
+
+    if args.multi_objective:
+        metric, mode = ["avg_seen_acc", "forgetting"], ["max", "min"]
+        sampler = NSGAIISampler(seed=0)
+    else:
+        metric, mode = "avg_seen_acc", "max"  # avg_seen_acc after the last stage equals MFN
+        sampler = TPESampler(seed=0) if args.sampler == "tpe" else RandomSampler(seed=0)
+    search = OptunaSearch(metric=metric, mode=mode, sampler=sampler)
+    scheduler = None
+    if args.scheduler == "asha" and not args.multi_objective:
+        # one training_iteration = one stage; judge a trial after its second stage at the earliest
+        scheduler = ASHAScheduler(metric=metric, mode=mode, time_attr="training_iteration", max_t=len(cfg.order), grace_period=min(2, len(cfg.order)),
+                                  reduction_factor=2)
+    name = args.name or cli.default_sweep_name("hparams", "tpe" if not args.multi_objective else "nsga2",
+                                               num_samples, list(cfg.order), args)
+    preflight(cfg, args)
+    prepared = prepare(cfg, args)
+    spec = SweepSpec(name=name, base=cfg, param_space=space, num_samples=num_samples,
+                     search_alg=search, scheduler=scheduler,
+                     max_concurrent_trials=cli.default_concurrency(cfg, args.max_concurrent_trials),
+                     resume=args.resume, tracking=not args.no_tracking,
+                     sweep_params={"search": "nsga2" if args.multi_objective else args.sampler,
+                                   "scheduler": args.scheduler, "num_samples": num_samples,
+                                   "experts": args.experts, "ranks": args.ranks, "methods": args.methods,
+                                   "tasks": ">".join(cfg.order)})
+    outcome = run_sweep(spec, prepared)
+    finish_sweep(spec, outcome, metric=args.metric, design="hparams")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
