@@ -57,6 +57,7 @@ class DataConfig:
     max_train_rows: int | None = None  # cap per task (coin: the data-volume study; None = all)
     max_test_rows: int | None = None  # cap per task for evaluation (CoIN's "slim" sets use 4000)
     max_length: int = 160  # token budget per example (prompt + image tokens + answer)
+    materialize_below_mb: int = 512  # stages smaller than this are read once into Ray's object store
     seed: int = 0  # generator seed (synthetic)
 
     def problems(self) -> list[str]:
@@ -89,7 +90,8 @@ class ModelConfig:
     heads: int = 4
     intermediate: int = 256
     initializer_range: float = 0.1
-    pretrain_steps: int = 0  # synthetic: instruction-pretraining "stage 0" of the base (0 = off)
+    pretrain_steps: int = 0  # tiny model: instruction-pretraining "stage 0" of the base (0 = off), cached
+    pretrain_lr: float = 2e-3
     seed: int = 0
 
     def problems(self) -> list[str]:

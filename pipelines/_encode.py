@@ -83,7 +83,7 @@ class _HFImages:
 class Encoder:
     """map_batches callable: work items (pyarrow batch) -> stored rows (pyarrow table)."""
 
-    def __init__(self, model_source: str, model_kwargs: dict[str, Any], max_length: int, sink: Any) -> None:
+    def __init__(self, model_source: str, model_kwargs: dict[str, Any], max_length: int, sink: Any = None) -> None:
         from PIL import Image
 
         import coin_ray.models as models
@@ -100,6 +100,13 @@ class Encoder:
         return _decode(self._hf.get(json.loads(item["hf_image"])) if item["hf_image"] else item["image"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        table, rejected = self.encode(batch)
+        if rejected:
+            ray.get(self.sink.add.remote(rejected))
+        return table
+
+    def encode(self, batch: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]:
+        """(stored rows, rejections) of one batch of work items; the actor-free core of `__call__`."""
         items = batch.to_pylist()
         rejected: list[dict[str, Any]] = []
         images: dict[int, Any] = {}
@@ -134,9 +141,7 @@ class Encoder:
                 rows.append(_row(items[i], question_id=items[i]["id"], input_ids=enc["input_ids"][k],
                                  reference=items[i]["reference"], size=items[i]["size"]))
                 pixels.append(enc["pixel_values"][k])
-        if rejected:
-            ray.get(self.sink.add.remote(rejected))
-        return _to_table(rows, pixels, self._pixel_shape)
+        return _to_table(rows, pixels, self._pixel_shape), rejected
 
 
 def _rejection(item: dict[str, Any], kind: str, reason: str) -> dict[str, Any]:

@@ -51,6 +51,60 @@ class HFSource:
     columns: dict[str, str] = field(default_factory=lambda: dict(_hf.DEFAULT_COLUMNS))
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a run would do, known before any image is decoded: validated items, rejections, content hash."""
+
+    tasks: list[str]
+    image_root: Path
+    config: dict[str, Any]
+    splits: list[SplitRecords]
+    content_hash: str
+
+
+def plan(
+    instructions: str | Path | None,
+    images: str | Path,
+    tasks: Sequence[str] | str,
+    *,
+    model_source: str = "tiny",
+    model_kwargs: Mapping[str, Any] | None = None,
+    max_length: int = 2048,
+    max_rows: int | None = None,
+    hf_datasets: Mapping[str, HFSource] | None = None,
+) -> Plan:
+    """Read and validate every task's records and hash inputs + config (driver only, no Ray, no decoding).
+
+    instructions: folder with <Task>/train.json and <Task>/test.json (or val.json); may be None when every
+    task comes from `hf_datasets`. images: the image root every record path is relative to.
+    max_rows: keep at most this many valid records per split (the first ones).
+    """
+    task_names = _check_args(tasks, max_length, max_rows)
+    hf_datasets = dict(hf_datasets or {})
+    unknown_hf = sorted(set(hf_datasets) - set(task_names))
+    if unknown_hf:
+        raise PipelineInputError(f"--hf-dataset names task(s) {unknown_hf} that are not in --tasks {task_names}")
+    if instructions is None and set(task_names) - set(hf_datasets):
+        raise PipelineInputError(f"tasks {sorted(set(task_names) - set(hf_datasets))} need --instructions "
+                                 "(only --hf-dataset tasks can do without)")
+    image_root = Path(images).expanduser().resolve()
+    if not image_root.is_dir():
+        raise PipelineInputError(f"image root {image_root} is not a folder: pass --images DIR")
+    config = {
+        "model_source": model_source, "model_kwargs": dict(model_kwargs or {}), "max_length": max_length,
+        "max_rows_per_split": max_rows, "tasks": task_names, "encoding_version": ENCODING_VERSION,
+        "hf_columns": {t: s.columns for t, s in sorted(hf_datasets.items())},
+    }
+    hasher = ContentHasher()
+    hasher.add_json("config", config)
+    if model_source != "tiny":
+        hasher.add_tree("model", Path(model_source).expanduser())
+    splits = _read_tasks(task_names, instructions, image_root, hf_datasets, max_rows, hasher)
+    config.update(instructions=None if instructions is None else str(Path(instructions).expanduser().resolve()),
+                  images=str(image_root), hf_datasets={t: str(s.path) for t, s in sorted(hf_datasets.items())})
+    return Plan(task_names, image_root, config, splits, hasher.hexdigest())
+
+
 def preprocess(
     instructions: str | Path | None,
     images: str | Path,
@@ -68,64 +122,45 @@ def preprocess(
 ) -> dict[str, Any]:
     """Preprocess `tasks` into `out` and return the manifest (reused as is when the content hash matches).
 
-    instructions: folder with <Task>/train.json and <Task>/test.json (or val.json); may be None when every
-    task comes from `hf_datasets`. images: the image root every record path is relative to.
-    max_rows: keep at most this many valid records per split (the first ones). num_actors: encoder actors
-    (default: the CPUs Ray reports). Starts a local Ray if none is running, and stops what it started.
+    Arguments as for `plan`; force: recompute even on a hash match; batch_size, num_actors (default: one
+    per CPU Ray reports) tune speed only and are not part of the hash. Starts a local Ray if none is
+    running, and stops what it started.
     """
     started = time.perf_counter()
-    task_names = _check_args(tasks, max_length, max_rows, batch_size, num_actors)
-    hf_datasets = dict(hf_datasets or {})
-    unknown_hf = sorted(set(hf_datasets) - set(task_names))
-    if unknown_hf:
-        raise PipelineInputError(f"--hf-dataset names task(s) {unknown_hf} that are not in --tasks {task_names}")
-    if instructions is None and set(task_names) - set(hf_datasets):
-        raise PipelineInputError(f"tasks {sorted(set(task_names) - set(hf_datasets))} need --instructions "
-                                 "(only --hf-dataset tasks can do without)")
-    image_root = Path(images).expanduser().resolve()
-    if not image_root.is_dir():
-        raise PipelineInputError(f"image root {image_root} is not a folder: pass --images DIR")
+    problems = [f"{name} must be >= 1, got {value}" for name, value in
+                (("batch_size", batch_size), ("num_actors", num_actors)) if value is not None and value < 1]
+    if problems:
+        raise PipelineInputError("; ".join(problems))
     out = Path(out).expanduser().resolve()
     _check_out_is_ours(out)
-
-    model_kwargs = dict(model_kwargs or {})
-    config = {
-        "model_source": model_source, "model_kwargs": model_kwargs, "max_length": max_length,
-        "max_rows_per_split": max_rows, "tasks": task_names, "encoding_version": ENCODING_VERSION,
-        "hf_columns": {t: s.columns for t, s in sorted(hf_datasets.items())},
-    }
-    hasher = ContentHasher()
-    hasher.add_json("config", config)
-    if model_source != "tiny":
-        hasher.add_tree("model", Path(model_source).expanduser())
-    splits = _read_tasks(task_names, instructions, image_root, hf_datasets, max_rows, hasher)
-    content_hash = hasher.hexdigest()
+    p = plan(instructions, images, tasks, model_source=model_source, model_kwargs=model_kwargs,
+             max_length=max_length, max_rows=max_rows, hf_datasets=hf_datasets)
 
     manifest_path = out / "manifest.json"
     if not force and manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("content_hash") == content_hash and manifest.get("version") == MANIFEST_VERSION:
-            print(f"[preprocess] inputs unchanged (content hash {content_hash[:12]}): reusing {out}", file=sys.stderr)
+        if manifest.get("content_hash") == p.content_hash and manifest.get("version") == MANIFEST_VERSION:
+            print(f"[preprocess] inputs unchanged (content hash {p.content_hash[:12]}): reusing {out}",
+                  file=sys.stderr)
             return manifest
 
-    tmp = out.parent / f".{out.name}.tmp-{content_hash[:12]}"
+    tmp = out.parent / f".{out.name}.tmp-{p.content_hash[:12]}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    encoder_rejections = _encode(splits, tmp, model_source, model_kwargs, max_length, batch_size, num_actors)
-    rejections = [r.to_json() for s in splits for r in s.rejections] + encoder_rejections
-    rejections.sort(key=lambda r: (task_names.index(r["task"]), SPLITS.index(r["split"]), r["index"]))
+    encoder_rejections = _encode(p.splits, tmp, model_source, p.config["model_kwargs"], max_length, batch_size,
+                                 num_actors)
+    rejections = [r.to_json() for s in p.splits for r in s.rejections] + encoder_rejections
+    rejections.sort(key=lambda r: (p.tasks.index(r["task"]), SPLITS.index(r["split"]), r["index"]))
     with open(tmp / "rejected.jsonl", "w") as f:
         for r in rejections:
             f.write(json.dumps(r) + "\n")
 
     manifest = {
         "version": MANIFEST_VERSION,
-        "content_hash": content_hash,
+        "content_hash": p.content_hash,
         "hash_method": HASH_METHOD,
-        "tasks": _split_summary(splits, rejections, tmp),
-        "config": {**config, "instructions": None if instructions is None else str(Path(instructions).resolve()),
-                   "images": str(image_root),
-                   "hf_datasets": {t: str(s.path) for t, s in sorted(hf_datasets.items())}},
+        "tasks": _split_summary(p.splits, rejections, tmp),
+        "config": p.config,
         "columns": {"train": TRAIN_COLUMNS, "test": TEST_COLUMNS},
         "rejected_file": "rejected.jsonl",
         "seconds": round(time.perf_counter() - started, 3),
@@ -135,19 +170,18 @@ def preprocess(
     return manifest
 
 
-def _check_args(tasks: Sequence[str] | str, max_length: int, max_rows: int | None, batch_size: int,
-                num_actors: int | None) -> list[str]:
+def _check_args(tasks: Sequence[str] | str, max_length: int, max_rows: int | None) -> list[str]:
     from coin_ray.tasks import TASK_NAMES, get_task
 
-    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
-    problems = []
-    if not names:
+    given = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    problems, names = [], []
+    if not given:
         problems.append(f"--tasks is empty: name one or more of {', '.join(TASK_NAMES)}")
-    for name in names:
+    for name in given:
         try:
-            get_task(name)
-        except (KeyError, ValueError) as e:
-            problems.append(str(e).strip("'\""))
+            names.append(get_task(name).name)  # canonical spelling: it names folders in and out
+        except ValueError as e:
+            problems.append(str(e))
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         problems.append(f"--tasks names {dupes} more than once: list each task once")
@@ -155,10 +189,6 @@ def _check_args(tasks: Sequence[str] | str, max_length: int, max_rows: int | Non
         problems.append(f"max_length must be >= 1, got {max_length}")
     if max_rows is not None and max_rows < 1:
         problems.append(f"max_rows must be >= 1 (or None for all rows), got {max_rows}")
-    if batch_size < 1:
-        problems.append(f"batch_size must be >= 1, got {batch_size}")
-    if num_actors is not None and num_actors < 1:
-        problems.append(f"num_actors must be >= 1 (or None for one per CPU), got {num_actors}")
     if problems:
         raise PipelineInputError("; ".join(problems))
     return names

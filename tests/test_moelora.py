@@ -32,6 +32,19 @@ def test_fused_forward_equals_naive_expert_loop(num_experts, rank, top_k):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_forward_equals_loop_with_dropout(training):
+    layer = make_layer(4, 8, dropout=0.3).train(training)
+    x = torch.randn(3, 5, 12)
+    torch.manual_seed(7)
+    fused = layer(x)
+    torch.manual_seed(7)  # the same dropout mask for both (one mask shared by the experts)
+    loop = moelora_loop_forward(layer, x)
+    torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(8)
+    assert torch.equal(layer(x), fused) is not training  # dropout acts in training only
+
+
 def test_one_expert_equals_peft_lora_with_the_same_weights():
     torch.manual_seed(0)
     base = nn.Linear(12, 10)

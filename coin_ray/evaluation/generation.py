@@ -47,11 +47,10 @@ def iter_test_batches(split_dir: str | Path, batch_size: int, rank: int = 0, wor
 
 
 def _column_values(column: Any) -> list[Any]:
-    if hasattr(column.type, "to_pandas_dtype") and type(column.type).__name__.startswith("Arrow") and hasattr(column, "to_numpy"):
-        try:
-            return list(column.to_numpy(zero_copy_only=False))
-        except TypeError:
-            return list(column.to_numpy())
+    import pyarrow as pa
+
+    if isinstance(column.type, pa.ExtensionType):  # Ray's tensor extension (pixel_values)
+        return list(column.to_numpy())
     return column.to_pylist()
 
 

@@ -26,7 +26,7 @@ _WORD_START = "\u2581"  # sentencepiece's "▁"
 VOCAB_WORDS = tuple(sorted(set("""
 A chat between a curious human and an artificial intelligence assistant The assistant gives helpful
 detailed and polite answers to the human's questions USER ASSISTANT
-Answer answer the question using single word or phrase with option's letter from given choices directly
+Answer answer the question using single word or phrase with option option's letter from given choices directly
 What what is object in image When provided information insufficient respond Unanswerable
 Please please provide bounding box coordinate of region this sentence describes
 Question Context Options Choose choose one Select select correct best Which which
@@ -41,6 +41,7 @@ book cover title genre author Who who wrote this What's
 apple ball house tree car fish flag key cup boat moon sun
 novel poetry history science cooking travel comedy mystery
 digit digits letter letters shown picture photo dark blurry
+any some bus exit open park sale stop taxi city dawn echo gold moon rain star wolf
 """.split())))
 
 

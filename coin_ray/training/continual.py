@@ -7,17 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 from coin_ray.config import ExperimentConfig
 from coin_ray.training.hooks import RunHooks, RunResult
-
-SYNTHETIC_TASKS_ALL = True  # the synthetic benchmark always holds all 8 tasks: one data hash for every sweep
-
 
 class RunSetupError(ValueError):
     """The run cannot start (bad data, unplaceable resources); raised before any training."""
@@ -38,7 +32,9 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
         tasks = TASK_NAMES
         root = ensure_synthetic_benchmark(storage, train_rows=d.train_rows, test_rows=d.test_rows,
                                           image_size=d.image_size, seed=d.seed)
-        instructions, images = root / "Instructions", root / "images"
+        from coin_ray.benchmarks import IMAGE_ROOT, INSTRUCTIONS
+
+        instructions, images = root / INSTRUCTIONS, root / IMAGE_ROOT
     else:
         tasks = tuple(tasks or cfg.order)
         instructions, images = Path(d.instructions), Path(d.images)
@@ -57,6 +53,11 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
                                 f"CoIN needs <Task>/train.json and <Task>/test.json (or val.json)")
         splits[task] = {"train": str(out / task / "train"), "test": str(out / task / test_split)}
         rows[task] = {"train": int(entry["train"]["rows"]), "test": int(entry[test_split]["rows"])}
+    if cfg.model.source == "tiny" and cfg.model.pretrain_steps > 0:
+        # train (or find) the instruction-pretrained base once here, so trials only load it
+        from coin_ray.training.loop import build_base
+
+        build_base(cfg, storage)
     return {"processed": str(out), "splits": splits, "rows": rows, "data_hash": manifest["content_hash"],
             "benchmark": d.benchmark, "instructions": str(instructions), "images": str(images)}
 
@@ -66,14 +67,8 @@ def ensure_synthetic_benchmark(storage: Path, **options: Any) -> Path:
     from coin_ray.benchmarks import GENERATOR_VERSION, write_synthetic_benchmark
 
     root = storage / "synthetic" / _short_hash([GENERATOR_VERSION, options])
-    if (root / "Instructions").is_dir():
-        return root
-    tmp = root.with_name(f".tmp-{root.name}-{uuid.uuid4().hex[:8]}")
-    write_synthetic_benchmark(tmp, **options)
-    try:
-        os.rename(tmp, root)
-    except OSError:  # generated concurrently by another process: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (root / "synthetic.json").is_file():
+        write_synthetic_benchmark(root, **options)
     return root
 
 
@@ -83,24 +78,32 @@ def _short_hash(material: Any) -> str:
 
 def stage_datasets(cfg: ExperimentConfig, prepared: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     """Ray Data datasets `stage_<k>` (task k's train split, capped, plus replay of past tasks), and row counts."""
-    import ray.data
+    from pipelines import load_split
 
     datasets: dict[str, Any] = {}
     rows: list[int] = []
     cap = cfg.data.max_train_rows
     for k, task in enumerate(cfg.order):
-        ds = ray.data.read_parquet(prepared["splits"][task]["train"])
+        ds = load_split(prepared["processed"], task, "train")
         n = prepared["rows"][task]["train"]
         if cap is not None and cap < n:
             ds, n = ds.limit(cap), cap
         for past in cfg.order[:k]:
             if cfg.train.replay_per_task > 0:
                 m = min(cfg.train.replay_per_task, prepared["rows"][past]["train"])
-                ds = ds.union(ray.data.read_parquet(prepared["splits"][past]["train"]).limit(m))
+                ds = ds.union(load_split(prepared["processed"], past, "train").limit(m))
                 n += m
+        if n * _row_bytes(cfg) <= cfg.data.materialize_below_mb * 2**20:
+            # small stage: read once into the object store, so each epoch does not re-list and re-read files
+            ds = ds.materialize()
         datasets[f"stage_{k}"] = ds
         rows.append(n)
     return datasets, rows
+
+
+def _row_bytes(cfg: ExperimentConfig) -> int:
+    side = cfg.model.image_size if cfg.model.source == "tiny" else 336
+    return 3 * side * side * 4 + 8 * cfg.data.max_length
 
 
 def check_resources(cfg: ExperimentConfig) -> None:

@@ -101,19 +101,28 @@ def _autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype 
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def build_model(cfg: ExperimentConfig, storage_path: Path) -> tuple[torch.nn.Module, Any]:
-    """The base VLM (tiny from config, optionally instruction-pretrained; or a local folder) with the tuner."""
+def build_base(cfg: ExperimentConfig, storage_path: Path) -> tuple[torch.nn.Module, Any]:
+    """The base VLM: tiny from config (optionally instruction-pretrained, cached under <storage>/base), or a
+    local checkpoint folder."""
     from coin_ray.models import build_vlm
-    from coin_ray.tuners import apply_tuner
 
     kwargs = cfg.model.tiny_kwargs() if cfg.model.source == "tiny" else {}
     model, processor = build_vlm(cfg.model.source, **kwargs)
     if cfg.model.source == "tiny" and cfg.model.pretrain_steps > 0:
-        from coin_ray.benchmarks import load_pretrained_base
+        from coin_ray.benchmarks.base import pretrain_base
 
-        load_pretrained_base(model, processor, cfg, storage_path)
+        pretrain_base(model, processor, storage_path / "base", cfg.model.pretrain_steps, cfg.model.pretrain_lr,
+                      cfg.model.seed, image_size=cfg.data.image_size, max_length=cfg.data.max_length)
+    return model, processor
+
+
+def build_model(cfg: ExperimentConfig, storage_path: Path) -> tuple[torch.nn.Module, Any]:
+    """The base VLM with the tuner applied (adapter init seeded by train.seed: part of the replicate)."""
+    from coin_ray.tuners import apply_tuner
+
+    model, processor = build_base(cfg, storage_path)
     t = cfg.tuner
-    torch.manual_seed(cfg.train.seed)  # adapter init is part of the replicate (seed), the base model is not
+    torch.manual_seed(cfg.train.seed)
     apply_tuner(model, t.method, num_experts=t.num_experts, rank=t.rank, alpha=t.alpha, dropout=t.dropout,
                 target_modules=list(t.target_modules) if t.target_modules else None, top_k=t.top_k,
                 aux_loss_weight=t.aux_loss_weight)

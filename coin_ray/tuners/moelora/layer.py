@@ -17,6 +17,11 @@ class MoELoRALinear(nn.Module):
     each expert's r/E slice scaled by its gate (a broadcast over a (..., E, r/E) view, no copy), one matmul
     back. That is a LoRA of rank r plus a (in x E) router matmul and an elementwise scale, with no Python loop
     over experts. The adapter is never merged into W (the gates depend on the input).
+
+    Where dropout is off (eval, or dropout=0) A and the router weight are applied in one matmul. In training
+    with dropout the router reads x and the experts read dropout(x). Difference from CoIN's code: its loop calls
+    dropout once per expert (E independent masks); here one mask is shared by all experts (same expectation,
+    no E copies of x). In eval mode or with dropout=0 the two are identical.
     """
 
     def __init__(
@@ -73,13 +78,27 @@ class MoELoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        gates = self.moelora_router(x)  # (..., E); the router sees x itself, not the dropped-out copy
         adapter_x = x.to(self.moelora_A.dtype)
-        hidden = F.linear(self.moelora_dropout(adapter_x), self.moelora_A)  # (..., r)
+        if self.training and isinstance(self.moelora_dropout, nn.Dropout):
+            # The router sees x itself and the experts see dropout(x) (as in CoIN): two input matmuls.
+            logits = F.linear(adapter_x, self.moelora_router.weight)
+            hidden = F.linear(self.moelora_dropout(adapter_x), self.moelora_A)
+        else:
+            # Same input for both: one matmul into [r experts' ranks | E router logits] reads x once, and one
+            # matmul in backward produces the input gradient of both.
+            both = F.linear(adapter_x, torch.cat([self.moelora_A, self.moelora_router.weight]))
+            hidden, logits = both.split([self.rank, self.num_experts], dim=-1)
+        gates = self.moelora_router.route(logits)  # (..., E), float32
         # Fold alpha/r into the E gates rather than into the (..., out) output: E multiplies instead of `out`.
-        scaled_gates = (gates.to(hidden.dtype) * self.scaling).unsqueeze(-1)  # (..., E, 1)
+        scaled_gates = (gates * self.scaling).to(hidden.dtype).unsqueeze(-1)  # (..., E, 1)
         hidden = (hidden.unflatten(-1, (self.num_experts, self.expert_rank)) * scaled_gates).flatten(-2)
-        return result + F.linear(hidden, self.moelora_B).to(result.dtype)
+        # result + hidden @ B^T as one GEMM with beta=1: no separate pass over the (..., out) output.
+        flat = torch.addmm(
+            result.reshape(-1, self.out_features),
+            hidden.reshape(-1, self.rank).to(result.dtype),
+            self.moelora_B.to(result.dtype).t(),
+        )
+        return flat.view(result.shape)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, rank={self.rank}, expert_rank={self.expert_rank}, scaling={self.scaling}"

@@ -56,7 +56,11 @@ class MoELoRARouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Gates of shape (..., num_experts), non-negative and summing to 1 over the last dim."""
-        logits = F.linear(x.to(self.weight.dtype), self.weight)
+        return self.route(F.linear(x.to(self.weight.dtype), self.weight)).to(x.dtype)
+
+    def route(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gates (float32) from router logits (..., num_experts); records the aux loss when enabled. Split out of
+        forward so MoELoRALinear can compute the logits in the same matmul as its experts' A."""
         # Softmax in float32: bf16 gates of 8 experts lose the small ones entirely.
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         chosen = None
@@ -67,7 +71,7 @@ class MoELoRARouter(nn.Module):
             gates = torch.zeros_like(probs).scatter(-1, chosen, top_vals / top_vals.sum(-1, keepdim=True))
         if self.aux_loss_weight > 0:
             self.last_aux_loss = self._load_balancing_loss(probs, chosen)
-        return gates.to(x.dtype)
+        return gates
 
     def _load_balancing_loss(self, probs: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
         probs = probs.reshape(-1, self.num_experts)

@@ -1,0 +1,46 @@
+"""Reading preprocessed splits back for training and evaluation, streaming through Ray Data."""
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from pipelines._encode import TEST_COLUMNS, TRAIN_COLUMNS
+from pipelines._records import PipelineInputError
+
+
+def read_manifest(out: str | Path) -> dict[str, Any]:
+    """OUT/manifest.json, or an error saying how to produce it."""
+    path = Path(out).expanduser() / "manifest.json"
+    if not path.is_file():
+        raise PipelineInputError(f"{path} not found: run `python pipelines/preprocess.py ... --out {out}` first")
+    return json.loads(path.read_text())
+
+
+def load_split(out: str | Path, task: str, split: str) -> "ray.data.Dataset":  # noqa: F821
+    """A lazy Ray Data dataset over OUT/<task>/<split>/ with that split's columns (see preprocess.py).
+
+    Pass it to a TorchTrainer (`datasets={...}`) and iterate `get_dataset_shard(...).iter_torch_batches(
+    collate_fn=train_collate_fn(pad_id))` in the workers: nothing is materialised on the driver.
+    """
+    import ray.data
+
+    manifest = read_manifest(out)
+    splits = manifest["tasks"].get(task)
+    if splits is None or split not in splits:
+        have = {t: sorted(s) for t, s in manifest["tasks"].items()}
+        raise PipelineInputError(f"{out} holds no {task}/{split} (it holds {have}): preprocess that task")
+    if splits[split]["rows"] == 0:
+        raise PipelineInputError(
+            f"{task}/{split} in {out} has 0 rows ({splits[split]['rejected']} rejected): see "
+            f"{Path(out) / manifest['rejected_file']}")
+    columns = TRAIN_COLUMNS if split == "train" else TEST_COLUMNS
+    return ray.data.read_parquet(str(Path(out).expanduser() / task / split), columns=columns)
+
+
+def train_collate_fn(pad_id: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """`iter_torch_batches(collate_fn=...)` for train rows: right-pads input_ids (pad_id) and labels (-100)."""
+    from coin_ray.models import collate_train
+
+    return partial(collate_train, pad_id=pad_id)

@@ -1,0 +1,106 @@
+"""The sweep (parent) run: opened once per sweep name (a rerun or `--resume` reopens it), holds the search
+space as params, the table of all trials, sweep metrics (`stages_trained`, `stages_reused`, ...) and the
+order-sensitivity analysis as CSV tables and PNG plots under `analysis/`.
+
+These calls run on the driver, synchronously, with bounded retries (tracking._runs.call_with_retry).
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from tracking._runs import (call_with_retry, drop_secrets, finite_metrics, log_params_idempotent,
+                            open_named_run)
+from tracking._uri import get_or_create_experiment, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+SWEEP_TAG = "coin_ray.sweep"
+
+
+def open_sweep_run(tracking_uri: str, experiment: str, sweep_name: str, params: Mapping[str, Any] | None = None,
+                   tags: Mapping[str, str] | None = None) -> str:
+    """The run id of the sweep's parent run (run name = sweep name), created or reopened (RUNNING).
+
+    Params that the run already holds with the same value are skipped; a changed value is kept as a tag
+    `coin_ray.param_conflict.<key>` (MLflow params are immutable). Secret-named params are dropped."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    experiment_id = call_with_retry(lambda: get_or_create_experiment(client, uri, experiment), "get experiment")
+    all_tags = {SWEEP_TAG: sweep_name, **{k: str(v) for k, v in (tags or {}).items()}}
+    run, _ = call_with_retry(lambda: open_named_run(client, experiment_id, sweep_name, parent_run_id=None,
+                                                    role="sweep", tags=all_tags), "open sweep run")
+    if params:
+        call_with_retry(lambda: log_params_idempotent(client, client.get_run(run.info.run_id),
+                                                      drop_secrets(params)), "log sweep params")
+    return run.info.run_id
+
+
+def log_sweep_artifacts(tracking_uri: str, run_id: str, trials: "pd.DataFrame | None" = None,
+                        metrics: Mapping[str, float] | None = None,
+                        figures: Mapping[str, "Figure"] | None = None,
+                        tables: Mapping[str, "pd.DataFrame"] | None = None,
+                        texts: Mapping[str, str] | None = None, step: int = 0) -> None:
+    """Log the sweep's results on its run:
+
+    - `trials` -> `trials.csv` (one row per trial) and `summary.png` (bars of mft/mfn/bwt/forgetting per trial,
+      when those columns exist);
+    - `metrics` -> run metrics (e.g. stages_trained, stages_reused, order_variance_share), non-finite skipped;
+    - `figures` {name: Figure} -> `analysis/<name>.png`; `tables` {name: DataFrame} -> `analysis/<name>.csv`;
+      `texts` {file name: text} -> `analysis/<file name>` (e.g. "summary.md").
+    tracking/report.py prints the `analysis/*.csv` tables of a sweep run.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from tracking.plots import figure_png, summary_figure
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    if metrics:
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
+        if batch:
+            call_with_retry(lambda: client.log_batch(run_id, metrics=batch), "log sweep metrics")
+    with tempfile.TemporaryDirectory(prefix="coin-ray-sweep-") as tmp:
+        root = Path(tmp)
+        files: list[tuple[Path, str | None]] = []
+
+        def add(relative: str, data: bytes | str) -> None:
+            path = root / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data.encode() if isinstance(data, str) else data)
+            files.append((path, str(Path(relative).parent) if "/" in relative else None))
+
+        if trials is not None:
+            add("trials.csv", trials.to_csv(index=False))
+            label = "trial" if "trial" in trials.columns else ("order" if "order" in trials.columns else None)
+            try:
+                add("summary.png", figure_png(summary_figure(trials, label=label or "trial")))
+            except ValueError:  # no metric columns (every trial stopped early): the CSV says it all
+                pass
+        for name, fig in (figures or {}).items():
+            add(f"analysis/{name}.png", figure_png(fig))
+        for name, table in (tables or {}).items():
+            add(f"analysis/{name}.csv", table.to_csv(index=True))
+        for name, text in (texts or {}).items():
+            add(f"analysis/{name}", text)
+        for path, folder in files:
+            call_with_retry(lambda: client.log_artifact(run_id, str(path), folder), f"log {path.name}")
+
+
+def close_sweep_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """End the sweep run: FINISHED, or FAILED / KILLED when the sweep did not complete."""
+    from mlflow import MlflowClient
+
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    call_with_retry(lambda: client.set_terminated(run_id, status=status), "close sweep run")
