@@ -41,7 +41,8 @@ def build_stacks(hidden: int, layers: int, experts: int, rank: int, dropout: flo
     base = nn.Sequential(*(nn.Linear(hidden, hidden, bias=False) for _ in range(layers))).requires_grad_(False)
 
     lora = copy.deepcopy(base)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=[str(i) for i in range(layers)])
+    targets = [str(i) for i in range(layers)]
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=targets)
     inject_adapter_in_model(config, lora)
 
     moelora = nn.Sequential(

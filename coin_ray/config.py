@@ -26,7 +26,8 @@ __all__ = [
 BENCHMARKS = ("synthetic", "coin")
 METHODS = ("moelora", "lora", "full")
 PRECISIONS = ("auto", "fp32", "bf16")
-JUDGES = ("none", "embedding", "llm")
+JUDGES = ("none", "embedding", "llm")  # = coin_ray.evaluation.judges.JUDGE_KINDS (a test keeps them equal;
+# not imported so that reading a config never imports the HTTP stack)
 
 
 class ConfigError(ValueError):

@@ -136,7 +136,10 @@ def test_bf16_base_layer_keeps_its_dtype():
     [
         ({"num_experts": 4, "rank": 30}, "rank (30) must be divisible by num_experts (4): use rank=32"),
         ({"num_experts": 0}, "num_experts (0) must be an integer >= 1"),
-        ({"num_experts": 4, "rank": 8, "top_k": 5}, "top_k (5) must be None (dense routing) or an integer in [1, num_experts=4]"),
+        (
+            {"num_experts": 4, "rank": 8, "top_k": 5},
+            "top_k (5) must be None (dense routing) or an integer in [1, num_experts=4]",
+        ),
         ({"dropout": 1.5}, "dropout (1.5) must be in [0, 1)"),
         ({"target_modules": []}, "target_modules (()) is empty"),
     ],

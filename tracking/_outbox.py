@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tracking._runs import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, is_transient
+from tracking._runs import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, call_with_retry, is_transient
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -201,7 +201,8 @@ def spool_writes(spool_dir: Path, run_id: str, writes: list[Write]) -> Path:
 
 def replay_spool(spool_dir: str | Path, tracking_uri: str) -> int:
     """Send every spooled write to its run, in order; a run's spool folder is removed once all of its writes
-    went through. Returns the number of writes sent. Raises the first error (the rest stays spooled)."""
+    went through; transient failures are retried with backoff. Returns the number of writes sent. Raises the
+    first error that retrying did not fix (that write and the rest stay spooled)."""
     from mlflow import MlflowClient
 
     if not Path(spool_dir).is_dir():
@@ -216,7 +217,7 @@ def replay_spool(spool_dir: str | Path, tracking_uri: str) -> int:
             write = Write(record["kind"], metrics=[tuple(m) for m in record["metrics"]], tags=record["tags"],
                           path=record["path"], local_dir=record["local_dir"], status=record["status"], data=data)
             try:
-                send(client, folder.name, write)
+                call_with_retry(lambda: send(client, folder.name, write), f"replay {write.kind} write")
             except Exception:
                 (folder / "writes.jsonl").write_text("".join(x + "\n" for x in lines[n:]))
                 raise

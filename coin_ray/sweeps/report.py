@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from coin_ray.config import ExperimentConfig
 from coin_ray.sweeps import cli
+from coin_ray.sweeps.analysis import analyse_orders, format_analysis
 from coin_ray.sweeps.runner import SweepOutcome, SweepSpec, trials_table
 
 
@@ -34,8 +34,6 @@ def prepare(cfg: ExperimentConfig, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design: str) -> dict[str, Any]:
-    from coin_ray.sweeps.analysis import analyse_orders, format_analysis
-
     table = trials_table(outcome.trials)
     sort_col = metric if metric in table.columns else "mfn"
     if sort_col in table.columns:
@@ -51,18 +49,55 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
         print("\n" + format_analysis(analysis, metric))
     print(f"\nstages trained: {outcome.stages_trained}, stages reused from the stage store: {outcome.stages_reused}")
     if spec.tracking and outcome.sweep_run_id:
-        from tracking import close_sweep_run, experiment_runs_url, log_sweep_results
+        from tracking import close_sweep_run, experiment_runs_url, log_sweep_artifacts
 
         cfg = spec.base
-        with tempfile.TemporaryDirectory() as tmp:
-            log_sweep_results(cfg.tracking.tracking_uri, outcome.sweep_run_id, table=table, analysis=analysis,
-                              metrics={"stages_trained": outcome.stages_trained,
-                                       "stages_reused": outcome.stages_reused,
-                                       "trials_finished": len(finished), "trials": len(outcome.trials)},
-                              workdir=Path(tmp))
+        tables, figures, texts = {}, {}, {}
+        metrics = {"stages_trained": outcome.stages_trained, "stages_reused": outcome.stages_reused,
+                   "trials_finished": len(finished), "trials": len(outcome.trials)}
+        if analysis is not None:
+            tables = {"per_order": analysis.per_order.set_index("order"), "task_spread": analysis.task_spread.set_index("task"),
+                      "position": analysis.position}
+            figures = {"position": table_heatmap(analysis.position, "final accuracy by training position")}
+            if analysis.carry_over is not None:
+                tables["carry_over"] = analysis.carry_over
+                figures["carry_over"] = table_heatmap(
+                    analysis.carry_over, "drop of A (row) when B (col) is trained right after", cmap="Reds")
+            texts = {"summary.txt": format_analysis(analysis, metric)}
+            for key in ("eta_squared", "p_value", "F", "seed_std"):
+                if key in analysis.variance:
+                    metrics[f"order_{key}"] = analysis.variance[key]
+        log_sweep_artifacts(cfg.tracking.tracking_uri, outcome.sweep_run_id, trials=table, metrics=metrics,
+                            figures=figures, tables=tables, texts=texts)
         close_sweep_run(cfg.tracking.tracking_uri, outcome.sweep_run_id,
                         status="FINISHED" if len(finished) == len(outcome.trials) else "FAILED")
         ui_cmd, url = experiment_runs_url(cfg.tracking.tracking_uri, cfg.tracking.experiment)
         print(f"\nResults are in MLflow ({cfg.tracking.tracking_uri}), experiment {cfg.tracking.experiment!r}, "
-              f"sweep run {spec.name!r}.\nLook at them with:\n  {ui_cmd}\nthen open {url}")
+              f"sweep run {spec.name!r}.")
+        if ui_cmd:
+            print(f"Look at them with:\n  {ui_cmd}")
+        print(f"then open {url}")
     return {"table": table, "analysis": analysis}
+
+
+def table_heatmap(table, title: str, cmap: str = "viridis"):
+    """A labelled heatmap of a small DataFrame (NaN cells blank) as a matplotlib Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = table.to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * values.shape[1], 1.0 + 0.6 * values.shape[0]))
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap)
+    ax.set_xticks(range(values.shape[1]), [str(c) for c in table.columns], rotation=45, ha="right")
+    ax.set_yticks(range(values.shape[0]), [str(i) for i in table.index])
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < np.nanmean(values) else "black",
+                    fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig

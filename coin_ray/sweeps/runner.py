@@ -72,13 +72,10 @@ def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: d
         hooks_factory = functools.partial(
             MlflowTracker, tracking["tracking_uri"], tracking["experiment"], cfg.name,
             parent_run_id=tracking.get("parent_run_id"), tags={"coin_ray.sweep": tracking.get("sweep", "")})
-    callbacks = []
-    if cfg.scaling.num_workers > 0:
-        from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-        callbacks.append(TuneReportCallback())
     try:
-        result = run_continual(cfg, hooks_factory=hooks_factory, prepared=prepared, train_callbacks=callbacks)
+        run_continual(cfg, hooks_factory=hooks_factory, prepared=prepared, train_callbacks=[TuneReportCallback()])
     except BaseException:
         if tracking is not None:
             from tracking import mark_run_failed
@@ -86,10 +83,6 @@ def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: d
             mark_run_failed(tracking["tracking_uri"], tracking["experiment"], cfg.name,
                             parent_run_id=tracking.get("parent_run_id"))
         raise
-    if cfg.scaling.num_workers == 0:
-        import ray.tune
-
-        ray.tune.report({**result.metrics, "stages_reused": len(result.stages_reused)})
 
 
 @dataclass
@@ -126,6 +119,11 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
     from coin_ray.training import load_run_result
 
     cfg = spec.base
+    if cfg.scaling.num_workers < 1:
+        from coin_ray.training import RunSetupError
+
+        raise RunSetupError("a sweep needs --workers-per-trial >= 1: in-process runs (0) cannot run inside Ray Tune; "
+                         "use coin_ray.training.run_continual directly to debug in-process")
     storage = Path(cfg.storage_path).resolve()
     tracking = None
     sweep_run_id = experiment_id = None
@@ -138,7 +136,7 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
                     "parent_run_id": sweep_run_id, "sweep": spec.name}
     trainable = tune.with_parameters(trial_trainable, base=cfg.to_dict(), prepared=prepared, tracking=tracking)
     # The trial function only waits on fit(): give it a sliver of CPU so the Train worker and Ray Data get the cores.
-    trainable = tune.with_resources(trainable, {"CPU": 0.01} if cfg.scaling.num_workers > 0 else {"CPU": 1})
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
     tune_path = storage / "tune"
     if spec.resume and Tuner.can_restore(str(tune_path / spec.name)):
         tuner = Tuner.restore(str(tune_path / spec.name), trainable, resume_unfinished=True, resume_errored=True)

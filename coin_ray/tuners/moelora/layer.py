@@ -15,8 +15,9 @@ class MoELoRALinear(nn.Module):
     Experts are stored concatenated: `moelora_A` is (r, in) and `moelora_B` is (out, r); expert i owns rows
     [i*r/E, (i+1)*r/E) of A and the same columns of B. The forward is fused: one matmul into the full rank r,
     each expert's r/E slice scaled by its gate (a broadcast over a (..., E, r/E) view, no copy), one matmul
-    back. That is a LoRA of rank r plus a (in x E) router matmul and an elementwise scale, with no Python loop
-    over experts. The adapter is never merged into W (the gates depend on the input).
+    back, accumulated straight into W x (addmm). That is a LoRA of rank r plus a (in x E) router matmul and an
+    elementwise scale of the (..., r) hidden, with no Python loop over experts. The adapter is never merged into
+    W (the gates depend on the input).
 
     Where dropout is off (eval, or dropout=0) A and the router weight are applied in one matmul. In training
     with dropout the router reads x and the experts read dropout(x). Difference from CoIN's code: its loop calls
@@ -101,7 +102,10 @@ class MoELoRALinear(nn.Module):
         return flat.view(result.shape)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, rank={self.rank}, expert_rank={self.expert_rank}, scaling={self.scaling}"
+        return (
+            f"num_experts={self.num_experts}, rank={self.rank}, expert_rank={self.expert_rank}, "
+            f"scaling={self.scaling}"
+        )
 
 
 def moelora_loop_forward(layer: MoELoRALinear, x: torch.Tensor) -> torch.Tensor:
