@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +40,18 @@ def load_split(out: str | Path, task: str, split: str) -> "ray.data.Dataset":  #
 
 def train_collate_fn(pad_id: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """`iter_torch_batches(collate_fn=...)` for train rows: right-pads input_ids (pad_id) and labels (-100)."""
-    from coin_ray.models import collate_train
+    from ray.data.collate_fn import NumpyBatchCollateFn
 
-    return partial(collate_train, pad_id=pad_id)
+    class TrainCollate(NumpyBatchCollateFn):  # a callable class: Ray 2.47+ deprecates plain functions here
+        def __init__(self, pad_id: int) -> None:
+            self.pad_id = pad_id
+
+        def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+            from coin_ray.models import collate_train
+
+            return collate_train(batch, self.pad_id)
+
+        def __reduce__(self):  # picklable although defined here (keeps ray.data out of import time)
+            return train_collate_fn, (self.pad_id,)
+
+    return TrainCollate(pad_id)

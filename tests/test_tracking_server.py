@@ -201,3 +201,41 @@ def test_server_drop_mid_run_loses_no_metric(server, fast_http, tmp_path):
     assert run.data.metrics["mfn"] == pytest.approx(cl_metrics(MATRIX, ZERO_SHOT)["mfn"])
     assert "eval_matrix.json" in {f.path for f in client.list_artifacts(late.run_id)}
     assert not late.spooled_to.exists()
+
+
+def test_short_continual_run_logs_through_the_tracker(server, ray_cluster, tmp_path):
+    """A real (tiny) continual run in-process, its events consumed by MlflowTracker via hooks_factory."""
+    import functools
+
+    from mlflow import MlflowClient
+
+    from coin_ray.config import ExperimentConfig
+    from coin_ray.training import run_continual
+    from tracking import MlflowTracker, open_sweep_run
+
+    order = ["ScienceQA", "TextVQA", "ImageNet"]
+    cfg = ExperimentConfig.from_dict({
+        "order": order, "name": "tiny-run", "storage_path": str(tmp_path), "scaling.num_workers": 0,
+        "train.max_steps": 4, "train.batch_size": 8, "data.train_rows": 32, "data.test_rows": 8,
+        "eval.batch_size": 8, "eval.zero_shot": True, "model.hidden": 64, "model.intermediate": 128,
+        "tuner.rank": 8, "tuner.num_experts": 2})
+    sweep_id = open_sweep_run(server.uri, "continual", "tiny-sweep")
+    hooks = functools.partial(MlflowTracker, server.uri, "continual", cfg.name, parent_run_id=sweep_id)
+    result = run_continual(cfg, hooks_factory=hooks)
+
+    client = MlflowClient(server.uri)
+    [run] = runs_named(client, "continual", "tiny-run")
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == sweep_id
+    assert run.data.params["task_order"] == ">".join(order)
+    assert (run.data.params["num_experts"], run.data.params["rank"]) == ("2", "8")
+    for j, task in enumerate(order):
+        assert history(client, run.info.run_id, f"acc/{task}") == pytest.approx(
+            [(i, result.matrix[i][j]) for i in range(3)])
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 3
+    local = client.download_artifacts(run.info.run_id, "eval_matrix.json", str(tmp_path / "dl"))
+    payload = json.loads(Path(local).read_text())
+    assert payload["matrix"] == result.matrix and payload["zero_shot"] == result.zero_shot
+    for key, value in cl_metrics(payload["matrix"], payload["zero_shot"]).items():
+        assert run.data.metrics[key] == pytest.approx(value)
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "predictions")} == {
+        f"predictions/stage_{k}_{t}.jsonl" for k, t in enumerate(order)}

@@ -142,11 +142,9 @@ def init_ray(args: argparse.Namespace) -> None:
         ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
     else:
         ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False)
-    from ray.data import DataContext
+    from coin_ray.training.continual import quiet_data_context
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    ctx.execution_options.preserve_order = True
+    quiet_data_context()
 
 
 def default_concurrency(cfg: ExperimentConfig, requested: int | None) -> int:

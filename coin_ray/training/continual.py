@@ -127,6 +127,17 @@ def check_resources(cfg: ExperimentConfig) -> None:
                 f"the Ray cluster has {total.get('GPU', 0):g}: drop --gpus-per-worker/use_gpu or use a GPU cluster")
 
 
+def quiet_data_context() -> None:
+    """Ray Data settings of this process: ordered (reproducible batches) and, off a terminal, no progress bars."""
+    import sys
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = sys.stderr.isatty()
+
+
 def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks] | None = None,
                   prepared: dict[str, Any] | None = None, fail_once: dict[str, Any] | None = None,
                   train_callbacks: list[Any] | None = None) -> RunResult:
@@ -138,6 +149,7 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
 
     if not ray.is_initialized():
         raise RunSetupError("Ray is not initialised: call ray.init(...) first (or use sweeps/task_order.py)")
+    quiet_data_context()
     prepared = prepared or prepare_data(cfg)
     missing = [t for t in cfg.order if t not in prepared["splits"]]
     if missing:

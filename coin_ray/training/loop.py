@@ -8,7 +8,6 @@ order that shares the prefix, gives exactly the same result on CPU.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -335,9 +334,9 @@ def _train_stage(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, 
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     train_model.train()
-    from coin_ray.models import collate_train
+    from pipelines import train_collate_fn
 
-    collate = functools.partial(collate_train, pad_id=pad_id)
+    collate = train_collate_fn(pad_id)
     shard = env.get_shard(f"stage_{k}")
     fail = config.get("fail_once")
     losses: list[tuple[int, float]] = []
@@ -386,6 +385,10 @@ def _train_stage(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, 
 def _ray_train_env() -> WorkerEnv:
     import ray.train
     import ray.train.torch
+
+    from coin_ray.training.continual import quiet_data_context
+
+    quiet_data_context()
 
     ctx = ray.train.get_context()
     return WorkerEnv(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device(),
