@@ -61,12 +61,14 @@ def build_stacks(hidden: int, layers: int, experts: int, rank: int, dropout: flo
     return {"lora": lora, "moelora": moelora, "loop": loop}
 
 
-def time_step(stack: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+def time_step(stack: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[float, float]:
     """(wall ms, process CPU ms) of one forward+backward. CPU time is less inflated than wall time when other
     processes compete for the cores (it still counts cache and memory-bandwidth contention, and OpenMP
     spin-waits when threads > 1)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    stack(x).sum().backward()
+    # A dense upstream gradient, as a real loss gives: `.sum().backward()` would hand the last layer a stride-0
+    # expanded gradient, which matmuls must copy first and which would distort the comparison.
+    stack(x).backward(grad_out)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     for param in stack.parameters():
         param.grad = None
@@ -94,11 +96,12 @@ def main() -> None:
 
     stacks = build_stacks(args.hidden, args.layers, args.experts, args.rank, args.dropout)
     x = torch.randn(args.batch, args.seq, args.hidden)
+    grad_out = torch.randn(args.batch, args.seq, args.hidden)
     times: dict[str, list[float]] = {name: [] for name in stacks}
     cpu_times: dict[str, list[float]] = {name: [] for name in stacks}
     for repeat in range(args.warmup + args.repeats):
         for name, stack in stacks.items():
-            wall, cpu = time_step(stack, x)
+            wall, cpu = time_step(stack, x, grad_out)
             if repeat >= args.warmup:
                 times[name].append(wall)
                 cpu_times[name].append(cpu)

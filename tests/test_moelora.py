@@ -168,3 +168,24 @@ def test_config_properties():
     config = MoELoRAConfig(num_experts=8, rank=128, alpha=256.0, target_modules=["q_proj", "v_proj"])
     assert config.expert_rank == 16 and config.scaling == 2.0
     assert config.target_modules == ("q_proj", "v_proj")  # frozen and hashable
+
+
+def test_overhead_benchmark_smoke_test_prints_the_json_line(monkeypatch, capsys):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "moelora_overhead.py"
+    spec = importlib.util.spec_from_file_location("moelora_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [str(path), "--smoke-test", "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        module.main()
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"lora_ms", "moelora_ms", "loop_ms", "ratio"} <= result.keys()
+    assert result["lora_ms"] > 0 and result["ratio"] == pytest.approx(result["moelora_ms"] / result["lora_ms"], rel=1e-2)

@@ -101,6 +101,9 @@ def build_base_config(args: argparse.Namespace, *, default_experiment: str) -> E
     if args.storage_path:
         raw["storage_path"] = args.storage_path
     raw.setdefault("storage_path", "runs")
+    if "://" not in str(raw["storage_path"]):
+        # absolute: Tune runs each trial in its own working directory
+        raw["storage_path"] = str(Path(raw["storage_path"]).expanduser().resolve())
     if args.no_cache:
         raw["use_stage_cache"] = False
     if args.tracking_uri:

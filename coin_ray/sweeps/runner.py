@@ -128,8 +128,11 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
     tracking = None
     sweep_run_id = experiment_id = None
     if spec.tracking:
-        from tracking import open_sweep_run
+        from tracking import open_sweep_run, resolve_tracking_uri
 
+        # absolute (sqlite paths): Tune runs each trial in its own working directory
+        cfg = cfg.replace(**{"tracking.tracking_uri": resolve_tracking_uri(cfg.tracking.tracking_uri)})
+        spec.base = cfg
         sweep_run_id = open_sweep_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, spec.name,
                                       params=spec.sweep_params, tags={"coin_ray.sweep": spec.name})
         tracking = {"tracking_uri": cfg.tracking.tracking_uri, "experiment": cfg.tracking.experiment,
