@@ -142,9 +142,10 @@ def init_ray(args: argparse.Namespace) -> None:
             raise UsageError(f"Ray cluster at --address {args.address} does not answer: start it with `ray start --head` "
                              f"or leave --address out to run on this machine") from None
     if args.address:
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=args.address)
     else:
-        ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False)
+        # the dashboard serves the State API that the Train controller polls (without it, it floods warnings)
+        ray.init(num_cpus=args.num_cpus or os.cpu_count())
     from coin_ray.training.continual import quiet_data_context
 
     quiet_data_context()

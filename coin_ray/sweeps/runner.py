@@ -137,6 +137,9 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
                                       params=spec.sweep_params, tags={"coin_ray.sweep": spec.name})
         tracking = {"tracking_uri": cfg.tracking.tracking_uri, "experiment": cfg.tracking.experiment,
                     "parent_run_id": sweep_run_id, "sweep": spec.name}
+    from coin_ray.training.continual import with_train_datasets
+
+    prepared = with_train_datasets(cfg, prepared)  # read small train splits once for every trial
     trainable = tune.with_parameters(trial_trainable, base=cfg.to_dict(), prepared=prepared, tracking=tracking)
     # The trial function only waits on fit(): give it a sliver of CPU so the Train worker and Ray Data get the cores.
     trainable = tune.with_resources(trainable, {"CPU": 0.01})

@@ -76,26 +76,41 @@ def _short_hash(material: Any) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def with_train_datasets(cfg: ExperimentConfig, prepared: dict[str, Any]) -> dict[str, Any]:
+    """`prepared` plus `train_datasets`: each small train split of the order's tasks read once into Ray's
+    object store. A sweep does this once on its driver so no trial re-lists and re-reads files; big splits
+    (real CoIN) stay lazy and stream from Parquet."""
+    from pipelines import load_split
+
+    cached = dict(prepared.get("train_datasets", {}))
+    for task in cfg.order:
+        rows = prepared["rows"][task]["train"]
+        if task not in cached and rows * _row_bytes(cfg) <= cfg.data.materialize_below_mb * 2**20:
+            cached[task] = load_split(prepared["processed"], task, "train").materialize()
+    return {**prepared, "train_datasets": cached}
+
+
 def stage_datasets(cfg: ExperimentConfig, prepared: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     """Ray Data datasets `stage_<k>` (task k's train split, capped, plus replay of past tasks), and row counts."""
     from pipelines import load_split
+
+    def split(task: str) -> Any:
+        cached = prepared.get("train_datasets", {}).get(task)
+        return cached if cached is not None else load_split(prepared["processed"], task, "train")
 
     datasets: dict[str, Any] = {}
     rows: list[int] = []
     cap = cfg.data.max_train_rows
     for k, task in enumerate(cfg.order):
-        ds = load_split(prepared["processed"], task, "train")
+        ds = split(task)
         n = prepared["rows"][task]["train"]
         if cap is not None and cap < n:
             ds, n = ds.limit(cap), cap
         for past in cfg.order[:k]:
             if cfg.train.replay_per_task > 0:
                 m = min(cfg.train.replay_per_task, prepared["rows"][past]["train"])
-                ds = ds.union(load_split(prepared["processed"], past, "train").limit(m))
+                ds = ds.union(split(past).limit(m))
                 n += m
-        if n * _row_bytes(cfg) <= cfg.data.materialize_below_mb * 2**20:
-            # small stage: read once into the object store, so each epoch does not re-list and re-read files
-            ds = ds.materialize()
         datasets[f"stage_{k}"] = ds
         rows.append(n)
     return datasets, rows
@@ -155,8 +170,10 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
     if missing:
         raise RunSetupError(f"tasks {missing} are not in the prepared data ({sorted(prepared['splits'])})")
     check_resources(cfg)
+    prepared = with_train_datasets(cfg, prepared)
     datasets, stage_rows = stage_datasets(cfg, prepared)
-    config = {"experiment": cfg.to_dict(), "data": {**prepared, "stage_rows": stage_rows},
+    plain = {k: v for k, v in prepared.items() if k != "train_datasets"}  # workers get datasets as shards
+    config = {"experiment": cfg.to_dict(), "data": {**plain, "stage_rows": stage_rows},
               "hooks_factory": hooks_factory, "fail_once": fail_once}
 
     from coin_ray.training.loop import WorkerEnv, continual_worker

@@ -176,7 +176,7 @@ def _run_stages(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, s
                 model: torch.nn.Module, processor: Any, judge: Any, hooks: HookList, data: dict[str, Any],
                 run_dir: Path) -> RunResult:
     from coin_ray.tuners import load_trainable_state_dict, save_tuner
-    from coin_ray.tuners._state import TUNER_WEIGHTS_NAME
+    from coin_ray.tuners import TUNER_WEIGHTS_NAME
 
     order = tuple(cfg.order)
     autocast_dtype = _autocast_dtype(cfg, env.device)
@@ -259,7 +259,12 @@ def _run_stages(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, s
         pending = entry
         if not losses and (entry.checkpoint / "train_losses.json").is_file():
             losses = [tuple(x) for x in json.loads((entry.checkpoint / "train_losses.json").read_text())]
+        train_s = time.time() - started
         scores, knowledge, predictions = eval_row(entry.path)
+        if env.rank == 0:
+            print(f"[coin-ray] {cfg.name} stage {k} {task}: {'reused' if k in reused else 'trained'} in {train_s:.1f} s, "
+                  f"evaluated in {time.time() - started - train_s:.1f} s; seen-task scores "
+                  + " ".join(f"{t}={scores[t]:.2f}" for t in prefix if scores[t] is not None), flush=True)
         matrix.append([scores[t] for t in order])
         if knowledge is not None:
             kmatrix.append([knowledge[t] for t in order])
