@@ -99,6 +99,10 @@ def plan(
     hasher.add_json("config", config)
     if model_source != "tiny":
         hasher.add_tree("model", Path(model_source).expanduser())
+    else:  # the tiny model's tokenizer is code, not files: its vocabulary decides the stored token ids
+        from coin_ray.models import VOCAB_WORDS
+
+        hasher.add_json("tiny_vocabulary", list(VOCAB_WORDS))
     splits = _read_tasks(task_names, instructions, image_root, hf_datasets, max_rows, hasher)
     config.update(instructions=None if instructions is None else str(Path(instructions).expanduser().resolve()),
                   images=str(image_root), hf_datasets={t: str(s.path) for t, s in sorted(hf_datasets.items())})

@@ -238,10 +238,11 @@ class MlflowTracker:
 
 
 def mark_run_failed(tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
-                    error: BaseException | None = None) -> str | None:
-    """Mark a trial's run FAILED when the trial died outside the tracker's reach (e.g. a Train worker crash):
-    only a run still RUNNING is changed, so a FINISHED run stays FINISHED. Returns the run id, or None when
-    the run does not exist (the trial failed before opening it)."""
+                    error: BaseException | None = None, status: str = "FAILED") -> str | None:
+    """Mark a trial's run FAILED when the trial died outside the tracker's reach (e.g. a Train worker crash),
+    or KILLED (`status`) when a scheduler such as ASHA stopped it: only a run still RUNNING is changed, so a
+    FINISHED run stays FINISHED. Returns the run id, or None when the run does not exist (the trial failed
+    before opening it)."""
     from mlflow import MlflowClient
 
     from tracking._runs import find_runs
@@ -260,5 +261,5 @@ def mark_run_failed(tracking_uri: str, experiment: str, run_name: str, parent_ru
         if error is not None:
             call_with_retry(lambda: client.set_tag(run.info.run_id, "coin_ray.error",
                                                    f"{type(error).__name__}: {error}"[:5000]), "set tag")
-        call_with_retry(lambda: client.set_terminated(run.info.run_id, status="FAILED"), "mark failed")
+        call_with_retry(lambda: client.set_terminated(run.info.run_id, status=status), f"mark {status.lower()}")
     return run.info.run_id

@@ -17,14 +17,17 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from coin_ray.benchmarks._draw import (COLORS, OBJECT_CLASSES, SHAPES, canvas, draw_object, draw_shape, draw_text,
+from coin_ray.benchmarks._draw import (COLORS, GLYPH_CHARS, OBJECT_CLASSES, SHAPES, canvas, draw_object, draw_shape, draw_text,
                                        finish, text_width)
 
 __all__ = ["Example", "FAMILIES", "GENERATORS", "SIGN_WORDS", "TITLE_WORDS", "GENRES", "MIN_IMAGE_SIZE"]
 
 MIN_IMAGE_SIZE = 24  # below this a 4-letter word in the 3x5 font no longer fits on a book cover (3/4 wide)
 FAMILIES = ("task", "base")
-SIGN_WORDS = ("bar", "bus", "exit", "open", "park", "sale", "stop", "taxi")  # TextVQA: read a sign
+# TextVQA: read a sign. Three letters, so the glyphs are drawn at 2x on a 32-pixel image (4-letter words only fit at
+# 1x, 3x5-pixel glyphs that the tiny model could not read in a stage: TextVQA stayed near chance); distinct first
+# letters, so reading one glyph well is enough.
+SIGN_WORDS = ("bus", "cab", "gym", "inn", "pub", "zoo")
 TITLE_WORDS = ("city", "dawn", "echo", "gold", "moon", "rain", "star", "wolf")  # OCRVQA: read a title
 GENRES: dict[str, str] = {  # OCRVQA: a cover's colour tells its genre
     "red": "mystery", "green": "travel", "blue": "science", "yellow": "comedy", "purple": "poetry",
@@ -105,18 +108,25 @@ def _text_scale(size: int, text: str, width: int) -> int:
 
 
 def text_vqa(rng: np.random.Generator, size: int, family: str) -> Example:
-    """A sign in a scene; the answer is the word (task) or digit (base) written on it."""
-    text = _pick(rng, SIGN_WORDS) if family == "task" else str(int(rng.integers(0, 10)))
-    scale = _text_scale(size, text, size)
-    tw, th = text_width(text, scale), 5 * scale
+    """A sign near the centre of the scene (a few pixels of jitter); the answer is the word written on it (task)
+    or the single letter / digit in one of its three character slots (base)."""
+    # base: one letter or digit, so the stage-0 vision tower (frozen under LoRA) learns every glyph at every slot.
+    # A sign anywhere in the image and 3x5-pixel glyphs stayed at chance for the tiny model (measured).
+    slots = max(len(w) for w in SIGN_WORDS)
+    text = _pick(rng, SIGN_WORDS) if family == "task" else _pick(rng, GLYPH_CHARS).lower()
+    scale = _text_scale(size, "x" * slots, size)
+    tw, th = text_width("x" * slots, scale), 5 * scale
     img = canvas(size, size, rng)
     pad = max(1, scale)
-    x = int(rng.integers(0, size - tw - 2 * pad + 1))
-    y = int(rng.integers(0, size - th - 2 * pad + 1))
+    jitter = max(1, size // 16)
+    x = int(np.clip((size - tw - 2 * pad) // 2 + rng.integers(-jitter, jitter + 1), 0, size - tw - 2 * pad))
+    y = int(np.clip((size - th - 2 * pad) // 2 + rng.integers(-jitter, jitter + 1), 0, size - th - 2 * pad))
     sign = COLORS[_pick(rng, ("red", "green", "blue"))]
     img.paste(sign, (x, y, x + tw + 2 * pad, y + th + 2 * pad))
-    draw_text(img, text, (x + pad, y + pad), (250, 250, 250), scale)
-    question = "What is written on the sign?" if family == "task" else "What number is on the sign?"
+    slot = 0 if family == "task" else int(rng.integers(slots))
+    draw_text(img, text, (x + pad + 4 * scale * slot, y + pad), (250, 250, 250), scale)
+    question = ("What is written on the sign?" if family == "task" else
+                "What number is on the sign?" if text.isdigit() else "What letter is on the sign?")
     return Example(finish(img, rng), question, text, answers=[text] * 10)
 
 

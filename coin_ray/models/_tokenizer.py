@@ -41,7 +41,7 @@ book cover title genre author Who who wrote this What's
 apple ball house tree car fish flag key cup boat moon sun
 novel poetry history science cooking travel comedy mystery
 digit digits letter letters shown picture photo dark blurry
-any some bus exit open park sale stop taxi city dawn echo gold moon rain star wolf
+any some bus cab gym inn pub zoo exit open park sale stop taxi city dawn echo gold moon rain star wolf
 """.split())))
 
 

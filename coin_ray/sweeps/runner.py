@@ -175,6 +175,13 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
                                              if isinstance(v, (int, float))}, stages_reused=0,
                        status="STOPPED" if not res.error else "ERROR")
         trials.append(row)
+    if tracking is not None:  # trials Tune stopped (ASHA) or that died never closed their MLflow run
+        from tracking import mark_run_failed
+
+        for t in trials:
+            if t["matrix"] is None:
+                mark_run_failed(tracking["tracking_uri"], tracking["experiment"], t["name"],
+                                parent_run_id=sweep_run_id, status="KILLED" if t["status"] == "STOPPED" else "FAILED")
     finished = [t for t in trials if t["matrix"] is not None]
     stages_total = sum(len(t["order"]) for t in finished)
     reused = sum(t["stages_reused"] for t in finished)
