@@ -31,6 +31,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 SMOKE_TASKS = ("ScienceQA", "TextVQA", "ImageNet")
+# Both presets are the embedded (synthetic) defaults: the offline embedding judge fills the knowledge matrix.
+EMBEDDED_DEFAULTS: dict[str, Any] = {"eval.judge": "embedding"}
+# --smoke-test on a --config (e.g. real CoIN): the config's model and data, tiny budgets.
+CONFIG_SMOKE: dict[str, Any] = {"train.max_steps": 5, "data.max_train_rows": 64, "data.max_test_rows": 16}
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -74,8 +78,8 @@ def build_base_config(args: argparse.Namespace, *, default_experiment: str) -> E
     """Preset < YAML < flags. Every problem is reported together (ConfigError)."""
     import yaml
 
-    raw: dict[str, Any] = dict(PRESETS["smoke" if args.smoke_test else "default"])
-    if args.config:
+    raw: dict[str, Any] = {}
+    if args.config:  # a config replaces the embedded presets (their budgets are for the tiny model)
         path = Path(args.config)
         if not path.is_file():
             raise UsageError(f"--config {path}: no such file")
@@ -85,6 +89,11 @@ def build_base_config(args: argparse.Namespace, *, default_experiment: str) -> E
                 raw.update({f"{section}.{k}": v for k, v in value.items()})
             else:
                 raw[section] = value
+        if args.smoke_test:
+            raw.update(CONFIG_SMOKE)
+    else:
+        raw.update(PRESETS["smoke" if args.smoke_test else "default"])
+        raw.update(EMBEDDED_DEFAULTS)
     if args.tasks:
         raw["order"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     elif args.smoke_test:
