@@ -25,7 +25,7 @@ from coin_ray.tasks import TASK_NAMES, get_task
 __all__ = ["GENERATOR_VERSION", "MAX_IMAGE_SIZE", "MIN_IMAGE_SIZE", "IMAGE_ROOT", "INSTRUCTIONS",
            "write_synthetic_benchmark", "generate_examples", "synthetic_records"]
 
-GENERATOR_VERSION = 2  # bump whenever a generator changes what it draws or asks
+GENERATOR_VERSION = 3  # bump whenever a generator changes what it draws or asks
 MAX_IMAGE_SIZE = 1024
 IMAGE_ROOT = "images"
 INSTRUCTIONS = "Instructions"

@@ -20,7 +20,7 @@ from PIL import Image
 from coin_ray.benchmarks._draw import (COLORS, GLYPH_CHARS, OBJECT_CLASSES, SHAPES, canvas, draw_object, draw_shape, draw_text,
                                        finish, text_width)
 
-__all__ = ["Example", "FAMILIES", "GENERATORS", "SIGN_WORDS", "TITLE_WORDS", "GENRES", "MIN_IMAGE_SIZE"]
+__all__ = ["Example", "FAMILIES", "GENERATORS", "SIGN_WORDS", "SIGN_COLORS", "TITLE_WORDS", "GENRES", "MIN_IMAGE_SIZE"]
 
 MIN_IMAGE_SIZE = 24  # below this a 4-letter word in the 3x5 font no longer fits on a book cover (3/4 wide)
 FAMILIES = ("task", "base")
@@ -28,6 +28,7 @@ FAMILIES = ("task", "base")
 # 1x, 3x5-pixel glyphs that the tiny model could not read in a stage: TextVQA stayed near chance); distinct first
 # letters, so reading one glyph well is enough.
 SIGN_WORDS = ("bus", "cab", "gym", "inn", "pub", "zoo")
+SIGN_COLORS = dict(zip(SIGN_WORDS, ("yellow", "white", "purple", "green", "red", "blue")))  # a word's sign colour
 TITLE_WORDS = ("city", "dawn", "echo", "gold", "moon", "rain", "star", "wolf")  # OCRVQA: read a title
 GENRES: dict[str, str] = {  # OCRVQA: a cover's colour tells its genre
     "red": "mystery", "green": "travel", "blue": "science", "yellow": "comedy", "purple": "poetry",
@@ -86,14 +87,13 @@ def _distinct_items(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
 
 # ---------------------------------------------------------------------------------------------- ScienceQA
 def science_qa(rng: np.random.Generator, size: int, family: str) -> Example:
-    """Multiple choice over a fixed option order (shuffled orders stayed at chance for the tiny model)."""
+    """Multiple choice over a fixed option order (shuffled orders stayed at chance for the tiny model): the colour
+    of one shape (task, options A-E) or the number of shapes (base). A task that also asked for the shape, half the
+    time, reached only about 0.4 after a stage (measured), so the task asks one thing."""
     if family == "task":
         colour, shape = _pick(rng, _COLOR_NAMES[:5]), _pick(rng, SHAPES)  # 5 colours: options A-E
         img, _ = _scene(rng, size, [(colour, shape)], side=max(6, size // 2))
-        if rng.random() < 0.5:
-            options, question, answer = SHAPES, "Which shape is shown in the picture?", shape
-        else:
-            options, question, answer = _COLOR_NAMES[:5], "Which color is the shape?", colour
+        options, question, answer = _COLOR_NAMES[:5], "Which color is the shape?", colour
     else:
         n = int(rng.integers(1, 5))
         img, _ = _scene(rng, size, [(_pick(rng, _COLOR_NAMES), _pick(rng, SHAPES)) for _ in range(n)])
@@ -108,23 +108,30 @@ def _text_scale(size: int, text: str, width: int) -> int:
 
 
 def text_vqa(rng: np.random.Generator, size: int, family: str) -> Example:
-    """A sign near the centre of the scene (a few pixels of jitter); the answer is the word written on it (task)
-    or the single letter / digit in one of its three character slots (base)."""
-    # base: one letter or digit, so the stage-0 vision tower (frozen under LoRA) learns every glyph at every slot.
-    # A sign anywhere in the image and 3x5-pixel glyphs stayed at chance for the tiny model (measured).
+    """A banner that fills the scene, its text printed on two lines (as posters repeat a name); the answer is the
+    word (task) or the single letter / digit (base) written on it. Each word has its own sign colour (like a
+    brand colour: SIGN_COLORS), so the task is learnable from colour as well as by reading.
+
+    Measured on the tiny model (2-layer 64-wide vision tower, 8-pixel patches, LoRA on the LM only): the image
+    features separate the six words perfectly (a linear probe on them scores 1.0), yet a stage of LoRA on the LM
+    stayed at chance whether the sign was small and anywhere, one fixed line, or this two-line banner - the LM
+    would have to pick out one or two image tokens. With the colour cue it is learned like ImageNet. The base reads
+    every letter and digit on signs of every colour, so the glyphs stay part of the picture."""
     slots = max(len(w) for w in SIGN_WORDS)
     text = _pick(rng, SIGN_WORDS) if family == "task" else _pick(rng, GLYPH_CHARS).lower()
     scale = _text_scale(size, "x" * slots, size)
     tw, th = text_width("x" * slots, scale), 5 * scale
     img = canvas(size, size, rng)
-    pad = max(1, scale)
-    jitter = max(1, size // 16)
-    x = int(np.clip((size - tw - 2 * pad) // 2 + rng.integers(-jitter, jitter + 1), 0, size - tw - 2 * pad))
-    y = int(np.clip((size - th - 2 * pad) // 2 + rng.integers(-jitter, jitter + 1), 0, size - th - 2 * pad))
-    sign = COLORS[_pick(rng, ("red", "green", "blue"))]
-    img.paste(sign, (x, y, x + tw + 2 * pad, y + th + 2 * pad))
+    sign_colour = SIGN_COLORS[text] if family == "task" else _pick(rng, _COLOR_NAMES)
+    sign = COLORS[sign_colour]
+    ink = (20, 20, 20) if sign_colour in ("yellow", "white") else (250, 250, 250)
+    margin = max(1, size // 32)
+    img.paste(sign, (margin, margin, size - margin, size - margin))
+    x0 = (size - tw) // 2 + int(rng.integers(-margin, margin + 1))
+    gap = (size - 2 * th) // 3
     slot = 0 if family == "task" else int(rng.integers(slots))
-    draw_text(img, text, (x + pad + 4 * scale * slot, y + pad), (250, 250, 250), scale)
+    for y in (gap, 2 * gap + th):
+        draw_text(img, text, (x0 + 4 * scale * slot, y), ink, scale)
     question = ("What is written on the sign?" if family == "task" else
                 "What number is on the sign?" if text.isdigit() else "What letter is on the sign?")
     return Example(finish(img, rng), question, text, answers=[text] * 10)
