@@ -22,7 +22,7 @@ class UsageError(ValueError):
 # "smoke" = issue 10's (MFT >= 0.5, BWT <= -0.05, 6 orders of 3 tasks in minutes).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
-        "train.max_steps": 120, "train.batch_size": 16, "train.lr": 3e-3,
+        "train.max_steps": 150, "train.batch_size": 16, "train.lr": 1e-3,
         "data.train_rows": 240, "data.test_rows": 40, "eval.batch_size": 40,
         "model.pretrain_steps": 300,
     },
