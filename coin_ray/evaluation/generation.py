@@ -70,11 +70,9 @@ def evaluate_task(model: torch.nn.Module, processor: Any, task: str, split_dir: 
     rows: list[dict[str, Any]] = []
     model.eval()
     for batch in iter_test_batches(split_dir, batch_size, rank, world, max_rows):
-        pixel_values = torch.as_tensor(np.stack([np.asarray(p, dtype=np.float32) for p in batch["pixel_values"]]))
-        pixel_values = pixel_values.reshape(len(batch["input_ids"]), *_pixel_shape(batch, pixel_values))
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             replies = generate_batch(model, processor, [list(map(int, ids)) for ids in batch["input_ids"]],
-                                     pixel_values.to(device), max_new_tokens=spec.max_new_tokens)
+                                     batch["pixel_values"], max_new_tokens=spec.max_new_tokens)
         for i, reply in enumerate(replies):
             reference = json.loads(batch["reference"][i])
             rows.append({
@@ -102,16 +100,6 @@ def evaluate_task(model: torch.nn.Module, processor: Any, task: str, split_dir: 
         "knowledge_failures": len(knowledge) - len(judged),
         "predictions": [{**r, "task": task} for r in rows[:max_predictions]],
     }
-
-
-def _pixel_shape(batch: dict[str, Any], stacked: torch.Tensor) -> tuple[int, ...]:
-    if stacked.dim() == 4:
-        return tuple(stacked.shape[1:])
-    shape = batch.get("pixel_shape")
-    if shape is not None:
-        return tuple(int(s) for s in shape[0])
-    side = int(round((stacked.shape[1] / 3) ** 0.5))
-    return (3, side, side)
 
 
 def _reference_text(reference: Any) -> str:
