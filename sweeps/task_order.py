@@ -63,8 +63,7 @@ def main(argv=None) -> None:
         orders = designs.build_design(kind, tasks, n=count, seed=0, orders=listed)
         tasks = list(orders[0]) if kind == "given" else tasks
         cfg = cfg.replace(order=sorted(tasks, key=tasks.index))
-        spec_kwargs = dict(param_space={"order": tune.grid_search([">".join(o) for o in orders]),
-                                        "seed": tune.grid_search(seeds)})
+        spec_kwargs = dict(param_space={"seed": tune.grid_search(seeds)})
     name = args.name or cli.default_sweep_name("task_order", kind, count, tasks, args)
     preflight(cfg, args)
     prepared = prepare(cfg, args)
@@ -72,7 +71,11 @@ def main(argv=None) -> None:
         n_stages = len(orders) * len(seeds) * len(tasks)
         print(f"[coin-ray] sweep {name}: {len(orders)} orders x {len(seeds)} seeds = {len(orders) * len(seeds)} trials, "
               f"{n_stages} stages ({designs.distinct_prefixes(orders) * len(seeds)} distinct with the stage cache)")
-    spec = SweepSpec(name=name, base=cfg, max_concurrent_trials=cli.default_concurrency(cfg, args.max_concurrent_trials),
+    concurrency = cli.default_concurrency(cfg, args.max_concurrent_trials, prepared)
+    if orders is not None:  # trials start in this order: shared prefixes trained once, trials at once rarely wait
+        spec_kwargs["param_space"]["order"] = tune.grid_search(
+            [">".join(o) for o in designs.schedule_for_sharing(orders, concurrency)])
+    spec = SweepSpec(name=name, base=cfg, max_concurrent_trials=concurrency,
                      resume=args.resume, tracking=not args.no_tracking,
                      sweep_params={"design": " ".join(design), "tasks": ",".join(tasks), "seeds": args.seeds,
                                    "metric": args.metric, "orders": len(orders) if orders else count,

@@ -34,6 +34,16 @@ def test_all_orders_prefix_counts():
     assert orders[0][0] == orders[1][0]
 
 
+def test_schedule_for_sharing():
+    from coin_ray.sweeps.designs import schedule_for_sharing
+
+    orders = all_orders(T3)
+    assert schedule_for_sharing(orders, 1) == orders
+    two = schedule_for_sharing(orders, 2)
+    assert sorted(two) == sorted(orders)
+    assert [o[0] for o in two] == [T3[0], T3[1], T3[2]] * 2  # trials started together begin differently
+
+
 def test_all_refuses_large_and_suggests_williams():
     tasks = ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding"]
     with pytest.raises(DesignError, match=r"720 orders.*williams"):

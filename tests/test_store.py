@@ -60,3 +60,43 @@ def test_prune_by_size_and_age(tmp_path):
     meta["created"] -= 10_000
     (tmp_path / "k1" / "meta.json").write_text(json.dumps(meta))
     assert store.prune(older_than_s=5000) == ["k1"]
+
+
+def test_a_second_trainer_waits_for_the_claimed_stage_and_reuses_it(tmp_path):
+    from coin_ray.training.store import StageClaim, StageEntry
+
+    store = StageStore(tmp_path)
+    claim = store.claim("k")
+    assert isinstance(claim, StageClaim)
+    got = {}
+    waiter = threading.Thread(target=lambda: got.setdefault("x", store.claim("k", poll_s=0.05)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive(), "the second trainer must wait while the stage is claimed"
+    store.put("k", {}, _write(b"trained once"))
+    claim.release()
+    waiter.join(5)
+    assert isinstance(got["x"], StageEntry) and (got["x"].checkpoint / "w.bin").read_bytes() == b"trained once"
+    assert not (tmp_path / ".claim-k").exists()
+
+
+def test_a_claim_whose_owner_died_is_taken_over(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from coin_ray.training.store import StageClaim
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".claim-k").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout),
+                                                   "token": "old"}))
+    claim = StageStore(tmp_path).claim("k", poll_s=0.05)
+    assert isinstance(claim, StageClaim)
+    assert json.loads((tmp_path / ".claim-k").read_text())["pid"] == os.getpid()
+    claim.release()
+    # a claim that stopped heartbeating is stale after stale_s even when its owner cannot be checked
+    (tmp_path / ".claim-k").write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "old"}))
+    old = os.stat(tmp_path / ".claim-k").st_mtime - 10
+    os.utime(tmp_path / ".claim-k", (old, old))
+    assert isinstance(StageStore(tmp_path).claim("k", stale_s=5), StageClaim)

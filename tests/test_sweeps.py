@@ -60,6 +60,16 @@ def test_task_order_smoke_sweep_cache_and_mlflow(tmp_path):
         assert math.isclose(child.data.metrics[key], expected[key], abs_tol=1e-9), key
     history = client.get_metric_history(child.info.run_id, f"acc/{payload['tasks'][0]}")
     assert sorted({m.step for m in history}) == [0, 1, 2]
+    # the embedded defaults turn the embedding judge on: every trial logs the knowledge matrix beside it
+    for run in children:
+        kpath = client.download_artifacts(run.info.run_id, "knowledge_matrix.json", str(tmp_path / run.info.run_id))
+        knowledge = json.loads(Path(kpath).read_text())
+        assert knowledge["tasks"] == run.data.params["task_order"].split(">")
+        assert len(knowledge["matrix"]) == 3 and all(0.0 <= x <= 1.0 for row in knowledge["matrix"] for x in row)
+        gk = cl_metrics(knowledge["matrix"])
+        for key in ("mft", "mfn", "bwt", "forgetting"):
+            assert math.isclose(run.data.metrics[f"gk_{key}"], gk[key], abs_tol=1e-9), key
+        assert len(client.get_metric_history(run.info.run_id, f"gk/{knowledge['tasks'][0]}")) == 3
 
     # the same orders without the cache give the same final matrices
     uncached = _run("task_order.py", "--smoke-test", "--no-cache", "--no-tracking", "--storage-path",
@@ -89,3 +99,82 @@ def test_bad_input_is_one_clear_line_before_any_trial(tmp_path):
         assert message in proc.stderr, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
 
+
+
+def _children(uri: str, experiment: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags], [r for r in runs
+                                                                      if "mlflow.parentRunId" not in r.data.tags]
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_duplicate_runs(tmp_path):
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--smoke-test", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri, "--experiment", "resume",
+            *TINY]
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen([sys.executable, str(ROOT / "sweeps" / "task_order.py"), *args], cwd=tmp_path,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    results = tmp_path / "runs" / "runs"
+    deadline = time.time() + 600
+    while len(list(results.glob("*/result.json"))) < 2:
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "two trials did not finish in 10 minutes"
+        time.sleep(1)
+    # kill the driver and everything it started (its local Ray cluster included), as a crash would
+    family = [driver.pid] + [c.pid for c in psutil.Process(driver.pid).children(recursive=True)]
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    driver.wait()
+    finished_before = len(list(results.glob("*/result.json")))
+    assert finished_before < 6
+
+    resumed = _run("task_order.py", *args, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    children, parents = _children(uri, "resume")
+    assert len(parents) == 1
+    assert len(children) == 6, sorted(r.info.run_name for r in children)
+    assert all(r.info.status == "FINISHED" for r in children), [(r.info.run_name, r.info.status) for r in children]
+    assert len({r.data.params["task_order"] for r in children}) == 6
+    assert len(list(results.glob("*/result.json"))) == 6
+
+
+@pytest.mark.slow
+def test_hparams_asha_sweep_frees_stopped_trials(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = _run("hparams.py", "--smoke-test", "--num-samples", "4", "--experts", "1,2", "--ranks", "4,8",
+                "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri, "--experiment", "hp", *TINY,
+                cwd=tmp_path)
+    # on 2 CPUs one trial runs at a time: a stopped trial that kept its worker would block the next forever
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    children, parents = _children(uri, "hp")
+    assert len(parents) == 1 and len(children) == 4
+    assert {r.info.status for r in children} <= {"FINISHED", "KILLED"}
+    assert any(r.info.status == "FINISHED" for r in children)
+    for r in children:
+        assert r.data.params["num_experts"] in {"1", "2"}
+        assert int(r.data.params["rank"]) % int(r.data.params["num_experts"]) == 0
+
+
+@pytest.mark.slow
+def test_optuna_order_design_runs_permutations(tmp_path):
+    proc = _run("task_order.py", "--design", "optuna", "2", "--tasks", "ScienceQA,ImageNet", "--no-tracking",
+                "--storage-path", str(tmp_path / "runs"), *TINY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "runs").glob("*/result.json")]
+    assert len(results) == 2
+    for r in results:
+        assert sorted(r["order"]) == ["ImageNet", "ScienceQA"]

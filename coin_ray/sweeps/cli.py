@@ -162,15 +162,20 @@ def init_ray(args: argparse.Namespace) -> None:
     quiet_data_context()
 
 
-def default_concurrency(cfg: ExperimentConfig, requested: int | None) -> int:
+def default_concurrency(cfg: ExperimentConfig, requested: int | None, prepared: dict[str, Any] | None = None) -> int:
+    """Trials at once: as many as the cluster's CPUs fit, less one CPU for Ray Data ingest when the runs stream
+    their training data (see `ingest_needs_cpu`). Trials that share a prefix wait for each other in the stage
+    store instead of training it twice."""
     import ray
+
+    from coin_ray.training.continual import ingest_needs_cpu
 
     if requested:
         return requested
     cpus = ray.cluster_resources().get("CPU", 1)
     per_trial = max(cfg.scaling.num_workers, 1) * cfg.scaling.cpus_per_worker
-    # leave one CPU for Ray Data ingest
-    return max(1, int((cpus - 1) // per_trial))
+    ingest = 1 if prepared is None or ingest_needs_cpu(cfg, prepared) else 0
+    return max(1, int((cpus - ingest) // per_trial))
 
 
 def fail(message: str) -> "NoReturn":  # noqa: F821

@@ -7,8 +7,8 @@
 - random: N distinct random permutations (seeded).
 - given: orders the user lists.
 - optuna: not a fixed list; orders are decoded from Optuna's random keys (`decode_random_keys`).
-Orders are returned sorted lexicographically by task index, i.e. depth-first over the prefix tree, so
-trials run one at a time train each shared prefix once and reuse it right away.
+Orders are returned sorted lexicographically by task index, i.e. depth-first over the prefix tree;
+`schedule_for_sharing` turns that into the order trials start in.
 """
 from __future__ import annotations
 
@@ -131,3 +131,23 @@ def _dfs_sorted(orders: list[tuple[str, ...]], tasks: Sequence[str]) -> list[tup
 def distinct_prefixes(orders: Sequence[Sequence[str]]) -> int:
     """Stages a prefix-sharing cache trains for these orders (e.g. all 6 orders of 3 tasks: 15 of 18)."""
     return len({tuple(o[: k + 1]) for o in orders for k in range(len(o))})
+
+
+def schedule_for_sharing(orders: Sequence[Sequence[str]], concurrency: int) -> list[tuple[str, ...]]:
+    """The order trials start in. One at a time: depth-first (as given), so each shared prefix is trained once
+    and reused by the next trial. With several at once: round-robin over the first task, so trials running
+    together start from different tasks instead of one of them waiting in the stage store for the other to
+    train their shared first stage."""
+    orders = [tuple(o) for o in orders]
+    if concurrency <= 1:
+        return orders
+    groups: dict[str, list[tuple[str, ...]]] = {}
+    for o in orders:
+        groups.setdefault(o[0], []).append(o)
+    queues = list(groups.values())
+    out: list[tuple[str, ...]] = []
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out

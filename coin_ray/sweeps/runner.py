@@ -141,8 +141,9 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
 
     prepared = with_train_datasets(cfg, prepared)  # read small train splits once for every trial
     trainable = tune.with_parameters(trial_trainable, base=cfg.to_dict(), prepared=prepared, tracking=tracking)
-    # The trial function only waits on fit(): give it a sliver of CPU so the Train worker and Ray Data get the cores.
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    # The trial function only waits on fit(): it holds no CPU (Tune needs some resource, so a token 1 MiB of
+    # memory), and the cores go to the Train workers - N trials of one 1-CPU worker fit N CPUs exactly.
+    trainable = tune.with_resources(trainable, {"memory": 2**20})
     tune_path = storage / "tune"
     if spec.resume and Tuner.can_restore(str(tune_path / spec.name)):
         tuner = Tuner.restore(str(tune_path / spec.name), trainable, resume_unfinished=True, resume_errored=True)

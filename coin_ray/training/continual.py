@@ -85,10 +85,20 @@ def with_train_datasets(cfg: ExperimentConfig, prepared: dict[str, Any]) -> dict
 
     cached = dict(prepared.get("train_datasets", {}))
     for task in cfg.order:
-        rows = prepared["rows"][task]["train"]
-        if task not in cached and rows * _row_bytes(cfg) <= cfg.data.materialize_below_mb * 2**20:
-            cached[task] = load_split(prepared["processed"], task, "train").materialize()
+        if task not in cached and _fits_object_store(cfg, prepared, task):
+            cached[task] = load_split(prepared["processed"], task, "train", in_memory=True)
     return {**prepared, "train_datasets": cached}
+
+
+def _fits_object_store(cfg: ExperimentConfig, prepared: dict[str, Any], task: str) -> bool:
+    return prepared["rows"][task]["train"] * _row_bytes(cfg) <= cfg.data.materialize_below_mb * 2**20
+
+
+def ingest_needs_cpu(cfg: ExperimentConfig, prepared: dict[str, Any]) -> bool:
+    """Whether a run's Ray Data ingest needs CPU of its own while it trains: not when every train split is read
+    into the object store up front and one worker iterates it in its own process (no read tasks, no split
+    coordinator); yes for streamed splits (real CoIN) or several workers."""
+    return cfg.scaling.num_workers > 1 or not all(_fits_object_store(cfg, prepared, t) for t in cfg.order)
 
 
 def stage_datasets(cfg: ExperimentConfig, prepared: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:

@@ -237,22 +237,36 @@ def _run_stages(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, s
         material = stage_material(cfg, data["data_hash"], prefix)
         key = stage_key(material)
         entry = store.get(key)
+        claim = None
+        if entry is None:
+            # a trial running beside this one may be training the same prefix: wait for it instead of
+            # training it twice (rank 0 claims; the other ranks follow what the store then holds)
+            if env.rank == 0:
+                got = store.claim(key)
+                entry, claim = (got, None) if isinstance(got, StageEntry) else (None, got)
+            env.barrier()
+            if env.rank != 0:
+                entry = store.get(key)
         losses: list[tuple[int, float]] = []
         if entry is not None:
             reused.append(k)
         else:
-            ensure_loaded()
-            losses, optim_state = _train_stage(cfg, config, env, model, processor, data, prefix, autocast_dtype)
+            try:
+                ensure_loaded()
+                losses, optim_state = _train_stage(cfg, config, env, model, processor, data, prefix, autocast_dtype)
 
-            def write(directory: Path) -> None:
-                save_tuner(model, directory / ADAPTER_DIR)
-                torch.save(optim_state, directory / "optimizer.pt")
-                (directory / "train_losses.json").write_text(json.dumps(losses))
-                torch.save({"python": random.getstate(), "numpy": np.random.get_state(),
-                            "torch": torch.get_rng_state()}, directory / "rng_state.pt")
+                def write(directory: Path) -> None:
+                    save_tuner(model, directory / ADAPTER_DIR)
+                    torch.save(optim_state, directory / "optimizer.pt")
+                    (directory / "train_losses.json").write_text(json.dumps(losses))
+                    torch.save({"python": random.getstate(), "numpy": np.random.get_state(),
+                                "torch": torch.get_rng_state()}, directory / "rng_state.pt")
 
-            if env.rank == 0:
-                entry = store.put(key, material, write)
+                if env.rank == 0:
+                    entry = store.put(key, material, write)
+            finally:
+                if claim is not None:
+                    claim.release()
             env.barrier()
             entry = entry or store.get(key)
             loaded_entry = entry  # the model already holds exactly this state

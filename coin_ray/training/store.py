@@ -11,9 +11,12 @@ Layout under the store root::
         meta.json                  the key material, creation time, sha256 of every checkpoint file
         eval/<Task>.json           one evaluation cell (+ knowledge score, sample predictions), added lazily
 
-Writes are atomic: a stage is written into ``<root>/.tmp-<key>-<uuid>`` and renamed into place; when two
-trials race for one prefix, both produce identical results (fixed seeds on CPU) and the loser's rename
-fails and its copy is discarded. Every read verifies the checksums in meta.json; a corrupt entry is
+Writes are atomic: a stage is written into ``<root>/.tmp-<key>-<uuid>`` and renamed into place. Trials that
+run at the same time and need the same prefix do not both train it: the first takes a claim
+(``<root>/.claim-<key>``, created exclusively, heartbeated while it trains) and the others wait for the entry;
+a claim whose owner died is taken over. Should two writers still race (a stale claim taken over while its
+owner was only slow), both produce identical results (fixed seeds) and the loser's rename fails and its copy
+is discarded. Every read verifies the checksums in meta.json; a corrupt entry is
 moved aside (``<root>/.corrupt-<key>-<uuid>``) and treated as a miss.
 """
 from __future__ import annotations
@@ -22,6 +25,8 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -118,6 +123,41 @@ class StageStore:
             raise RuntimeError(f"stage store entry {key} vanished after writing under {self.root}")
         return entry
 
+    # ---- claims: one trainer per stage --------------------------------------------------------------
+    def claim(self, key: str, *, poll_s: float = 0.5, stale_s: float = 120.0) -> "StageClaim | StageEntry":
+        """Take the right to train `key`, or wait for whoever holds it.
+
+        Returns a `StageClaim` (train, `put`, then `release()` it; it heartbeats meanwhile) or, when another
+        trial finished the stage while this one waited, that `StageEntry`. A claim whose owner died (same
+        host, process gone) or stopped heartbeating for `stale_s` seconds is taken over, so a crash never
+        blocks the stage forever."""
+        path = self.root / f".claim-{key}"
+        announced = False
+        while True:
+            entry = self.get(key)
+            if entry is not None:
+                return entry
+            token = uuid.uuid4().hex
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if _claim_is_stale(path, stale_s):
+                    try:  # only one of several waiters wins this rename; the others see the new claim
+                        os.replace(path, self.root / f".stale-claim-{key}-{token[:8]}")
+                    except OSError:
+                        pass
+                    continue
+                if not announced:
+                    print(f"[coin-ray] stage store: stage {key} is being trained by another trial; waiting for it",
+                          flush=True)
+                    announced = True
+                time.sleep(poll_s)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": token, "time": time.time()}, f)
+            return StageClaim(path, token, heartbeat_s=stale_s / 4)
+
+
     def ensure_eval_dir(self, key: str, material: dict[str, Any]) -> Path:
         """An entry with no checkpoint (the zero-shot row of the base model): created if absent."""
         path = self.root / key
@@ -159,8 +199,11 @@ class StageStore:
         Leftover temporary and corrupt folders are removed too. Returns the deleted keys."""
         removed: list[str] = []
         for path in self.root.iterdir():
-            if path.name.startswith((".tmp-", ".corrupt-")) and time.time() - path.stat().st_mtime > 3600:
-                shutil.rmtree(path, ignore_errors=True)
+            if path.name.startswith((".tmp-", ".corrupt-", ".stale-claim-")) and time.time() - path.stat().st_mtime > 3600:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         entries = list(self.entries())
         now = time.time()
         keep = []
@@ -179,3 +222,47 @@ class StageStore:
                 removed.append(key)
                 total -= size
         return removed
+
+
+def _claim_is_stale(path: Path, stale_s: float) -> bool:
+    try:
+        age = time.time() - path.stat().st_mtime
+        owner = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):  # being written right now, or garbage: judge by age alone
+        return age > stale_s
+    if owner.get("host") == socket.gethostname():
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError, TypeError):
+            pass
+    return age > stale_s
+
+
+class StageClaim:
+    """This process's right to train one stage; heartbeats (touches its file) until released."""
+
+    def __init__(self, path: Path, token: str, heartbeat_s: float) -> None:
+        self.path, self.token = path, token
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True,
+                                        name=f"stage-claim-{path.name}")
+        self._thread.start()
+
+    def _beat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            if json.loads(self.path.read_text()).get("token") == self.token:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
