@@ -22,6 +22,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tasks", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--max-concurrent-trials", type=int, help="trials at once (default: as the sweep CLI: all CPUs)")
     p.add_argument("--smoke-test", action="store_true")
     args = p.parse_args()
     if args.smoke_test:
@@ -31,7 +32,8 @@ def main() -> None:
     import ray.tune as tune
 
     from coin_ray.config import ExperimentConfig
-    from coin_ray.sweeps.designs import all_orders, distinct_prefixes
+    from coin_ray.sweeps.cli import default_concurrency
+    from coin_ray.sweeps.designs import all_orders, distinct_prefixes, schedule_for_sharing
     from coin_ray.sweeps.runner import SweepSpec, run_sweep
     from coin_ray.tasks import TASK_NAMES
     from coin_ray.training import prepare_data
@@ -47,13 +49,16 @@ def main() -> None:
             "train.max_steps": args.steps, "train.batch_size": 8, "data.train_rows": 48, "data.test_rows": 8,
             "eval.batch_size": 8, "scaling.num_workers": 1})
         prepared = prepare_data(base)
+        concurrency = default_concurrency(base, args.max_concurrent_trials, prepared)
         spec = SweepSpec(name=f"cache-bench-{label}", base=base, tracking=False, verbose=0,
-                         param_space={"order": tune.grid_search([">".join(o) for o in orders]), "seed": 0})
+                         max_concurrent_trials=concurrency,
+                         param_space={"order": tune.grid_search(
+                             [">".join(o) for o in schedule_for_sharing(orders, concurrency)]), "seed": 0})
         started = time.perf_counter()
         outcome = run_sweep(spec, prepared)
         seconds = time.perf_counter() - started
         results[label] = {"stages_trained": outcome.stages_trained, "stages_reused": outcome.stages_reused,
-                          "wall_s": round(seconds, 1)}
+                          "wall_s": round(seconds, 1), "concurrent_trials": concurrency}
         print(f"{label}: {results[label]}", flush=True)
     ray.shutdown()
     print(json.dumps({"orders": len(orders), "stages": len(orders) * len(tasks),

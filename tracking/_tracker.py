@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from coin_ray.evaluation.metrics import mean_seen
 from coin_ray.training.hooks import RunInfo, RunResult, StageReport
 from tracking._outbox import Outbox, Write
 from tracking._runs import (call_with_retry, drop_secrets, finite_metrics, log_params_idempotent,
@@ -62,11 +63,6 @@ def predictions_jsonl(predictions: Sequence[Mapping[str, Any]], max_per_task: in
         kept[task] = kept.get(task, 0) + 1
         lines.append(json.dumps(record, default=str, ensure_ascii=False))
     return ("\n".join(lines) + ("\n" if lines else "")).encode()
-
-
-def _mean_seen(values: Mapping[str, float | None], seen: Sequence[str]) -> float | None:
-    scores = [values[t] for t in seen if values.get(t) is not None]
-    return sum(scores) / len(scores) if scores else None
 
 
 class MlflowTracker:
@@ -134,10 +130,10 @@ class MlflowTracker:
         k = report.stage
         seen = self._order[: k + 1]
         values: dict[str, Any] = {f"acc/{t}": v for t, v in report.scores.items()}
-        values["avg_seen_acc"] = _mean_seen(report.scores, seen)
+        values["avg_seen_acc"] = mean_seen(report.scores, seen)
         if report.knowledge is not None:
             values.update({f"gk/{t}": v for t, v in report.knowledge.items()})
-            values["avg_seen_gk"] = _mean_seen(report.knowledge, seen)
+            values["avg_seen_gk"] = mean_seen(report.knowledge, seen)
         values.update(stage_seconds=report.seconds, stage_reused=float(report.reused))
         self._metrics(values, step=k)
         if report.train_losses:

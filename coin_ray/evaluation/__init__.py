@@ -3,4 +3,4 @@
 Only the pure metrics are imported eagerly; generation and judges load torch / models on first use."""
 from coin_ray.evaluation.metrics import cl_metrics, matrix_from_rows, per_task_forgetting
 
-__all__ = ["cl_metrics", "matrix_from_rows", "per_task_forgetting"]
+__all__ = ["cl_metrics", "matrix_from_rows", "mean_seen", "per_task_forgetting"]

@@ -136,3 +136,10 @@ def matrix_from_rows(rows: Sequence[Mapping[str, float | None]],
         raise ValueError(f"score rows name tasks outside the order {list(order)}: {', '.join(strays)}; "
                          f"fix the task names or pass the full order")
     return [[row.get(name) for name in order] for row in rows]
+
+
+def mean_seen(scores: Mapping[str, float | None], seen: Sequence[str]) -> float | None:
+    """Mean score over the tasks trained so far (`seen`), skipping unevaluated ones; None when there are none.
+    Reported after every stage as `avg_seen_acc` (after the last stage it equals MFN)."""
+    values = [scores[t] for t in seen if scores.get(t) is not None]
+    return sum(values) / len(values) if values else None

@@ -9,6 +9,18 @@ from typing import Any
 
 from ._scoring import reference_box
 
+
+def strip_instruction_line(text: str) -> str:
+    """The question as CoIN's judge sees it: `text` minus its last line (the instruction).
+
+    A "<image>" line is dropped first. A one-line text is returned whole rather than emptied
+    (CoIN would send an empty question to the judge; an empty question helps no judge).
+    """
+    lines = [line for line in text.strip("\n").split("\n") if line.strip() != "<image>"]
+    if len(lines) <= 1:
+        return "\n".join(lines)
+    return "\n".join(lines[:-1])
+
 INSTRUCTION_STYLES: tuple[str, ...] = ("original", "diverse", "10type")
 """CoIN's three instruction styles: Original (LLaVA-1.5 wording), Diverse (one task-specific
 wording per task) and 10Type (ten rephrasings per task)."""
@@ -103,10 +115,9 @@ class Task:
         request with the referring expression. A one-line text is returned whole rather than
         emptied (deviation: CoIN would send an empty question). A leading "<image>" line is dropped.
         """
-        lines = [line for line in text.strip("\n").split("\n") if line.strip() != "<image>"]
-        if self.judge_sees_instruction or len(lines) <= 1:
-            return "\n".join(lines)
-        return "\n".join(lines[:-1])
+        if self.judge_sees_instruction:
+            return "\n".join(line for line in text.strip("\n").split("\n") if line.strip() != "<image>")
+        return strip_instruction_line(text)
 
     # -- references and scoring --------------------------------------------------------------
     def reference_from_record(self, record: Mapping[str, Any]) -> Reference:

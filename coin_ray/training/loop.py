@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from coin_ray.config import ExperimentConfig
-from coin_ray.evaluation.metrics import cl_metrics
+from coin_ray.evaluation.metrics import cl_metrics, mean_seen
 from coin_ray.training.hooks import HookList, RunInfo, RunResult, StageReport
 from coin_ray.training.store import StageEntry, StageStore, stage_key
 
@@ -161,20 +161,27 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
     info = RunInfo(name=cfg.name, order=order, params=cfg.flatten(), benchmark=cfg.data.benchmark,
                    data_hash=data["data_hash"])
     hooks.on_run_start(info)
+    completed = []
+
+    def complete(result: RunResult) -> None:
+        """Close the run (hooks, result.json) before the last stage is reported: a Tune scheduler may stop
+        the trial the moment it sees that report (ASHA stops every trial that reaches max_t)."""
+        hooks.on_run_end(result)
+        if env.rank == 0:
+            (run_dir / "result.json").write_text(json.dumps(_result_dict(result), indent=1))
+        completed.append(result)
+
     try:
-        result = _run_stages(cfg, config, env, store, model, processor, judge, hooks, data, run_dir)
+        return _run_stages(cfg, config, env, store, model, processor, judge, hooks, data, run_dir, complete)
     except BaseException as error:
-        hooks.on_run_failed(error)
+        if not completed:
+            hooks.on_run_failed(error)
         raise
-    hooks.on_run_end(result)
-    if env.rank == 0:
-        (run_dir / "result.json").write_text(json.dumps(_result_dict(result), indent=1))
-    return result
 
 
 def _run_stages(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, store: StageStore,
                 model: torch.nn.Module, processor: Any, judge: Any, hooks: HookList, data: dict[str, Any],
-                run_dir: Path) -> RunResult:
+                run_dir: Path, complete: Callable[[RunResult], None]) -> RunResult:
     from coin_ray.tuners import load_trainable_state_dict, save_tuner
     from coin_ray.tuners import TUNER_WEIGHTS_NAME
 
@@ -288,21 +295,22 @@ def _run_stages(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, s
         report = StageReport(stage=k, task=task, scores=scores, knowledge=knowledge, train_losses=losses,
                              predictions=predictions, reused=k in reused, seconds=time.time() - started)
         hooks.on_stage_end(report)
-        seen = [scores[t] for t in order[: k + 1] if scores[t] is not None]
         metrics = {"stage": k, "task": task, "reused": int(k in reused),
-                   "avg_seen_acc": float(np.mean(seen)) if seen else 0.0,
+                   "avg_seen_acc": mean_seen(scores, order[: k + 1]) or 0.0,
                    **{f"acc/{t}": scores[t] for t in order if scores[t] is not None}}
         # running CL metrics over the tasks seen so far (final metrics at the last stage); a schedulers'
         # metric must exist at every stage, so the undefined ones of a 1x1 matrix (bwt, forgetting) report 0
         running = _final_metrics(matrix, zero_shot, kmatrix if judge is not None else None, knowledge_zero)
         metrics.update({m: (0.0 if math.isnan(v) else v) for m, v in running.items()})
         metrics["stages_reused"] = len(reused)
+        if k == len(order) - 1:
+            result = RunResult(order=order, matrix=matrix, zero_shot=zero_shot,
+                               knowledge_matrix=kmatrix if judge is not None else None,
+                               knowledge_zero_shot=knowledge_zero, metrics=running, stages_reused=tuple(reused),
+                               adapter_dir=str(pending.checkpoint / ADAPTER_DIR))
+            complete(result)
         env.report(metrics, entry.checkpoint)
-
-    final = _final_metrics(matrix, zero_shot, kmatrix if judge is not None else None, knowledge_zero)
-    return RunResult(order=order, matrix=matrix, zero_shot=zero_shot,
-                     knowledge_matrix=kmatrix if judge is not None else None, knowledge_zero_shot=knowledge_zero,
-                     metrics=final, stages_reused=tuple(reused), adapter_dir=str(pending.checkpoint / ADAPTER_DIR))
+    return result
 
 
 def _final_metrics(matrix, zero_shot, kmatrix, kzero) -> dict[str, float]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence, runtime_checkable
 
+from coin_ray.tasks._task import strip_instruction_line  # re-exported: judges strip it
+
 __all__ = ["Judge", "JudgeResult", "MAX_ERRORS", "check_judge_inputs", "strip_instruction_line"]
 
 MAX_ERRORS = 20  # errors kept per JudgeResult; a batch of 4,000 failures would otherwise flood logs
@@ -62,16 +64,6 @@ class Judge(Protocol):
         ...
 
 
-def strip_instruction_line(text: str) -> str:
-    """The question as CoIN's judge sees it: `text` minus its last line (the instruction).
-
-    A "<image>" line is dropped first. A one-line text is returned whole rather than emptied
-    (CoIN would send an empty question to the judge; an empty question helps no judge).
-    """
-    lines = [line for line in text.strip("\n").split("\n") if line.strip() != "<image>"]
-    if len(lines) <= 1:
-        return "\n".join(lines)
-    return "\n".join(lines[:-1])
 
 
 def check_judge_inputs(questions: Sequence[str], references: Sequence[str], replies: Sequence[str]) -> None:
