@@ -163,3 +163,19 @@ def test_pretrain_base_trains_then_reuses_its_cache(tmp_path: Path):
     other = pretrain_base(build_tiny_vlm(layers=1, vision_layers=1, seed=0)[0], processor, tmp_path,
                           **{**kwargs, "steps": 5})
     assert other != folder
+
+
+def test_every_task_reference_reaches_a_judge_as_text(bench: Path):
+    """The knowledge judge needs the ground truth as text for every task (a Grounding box included), the way
+    evaluation hands it over: reference_from_record -> JSON (the Parquet column) -> text."""
+    from coin_ray.evaluation.generation import _reference_text
+    from coin_ray.evaluation.judges import check_judge_inputs
+
+    for task in TASK_NAMES:
+        t = get_task(task)
+        test = json.loads((bench / "Instructions" / task / "test.json").read_text())
+        refs = [_reference_text(json.loads(json.dumps(t.reference_from_record(r)))) for r in test]
+        check_judge_inputs(["q"] * len(refs), refs, ["reply"] * len(refs))
+        assert all(isinstance(x, str) and x for x in refs), (task, refs)
+        if task == "Grounding":
+            assert all(x.startswith("[") and x.count(",") == 3 for x in refs), refs

@@ -103,9 +103,12 @@ def evaluate_task(model: torch.nn.Module, processor: Any, task: str, split_dir: 
 
 
 def _reference_text(reference: Any) -> str:
-    if isinstance(reference, list):
-        # the most common human answer stands for the ground truth
-        return max(set(reference), key=reference.count) if reference else ""
+    """The ground truth as text for a knowledge judge: a Grounding box as CoIN writes it ("[x1, y1, x2, y2]",
+    two decimals), the most common of several human answers, else the answer itself."""
+    if isinstance(reference, (list, tuple)):
+        if reference and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in reference):
+            return "[" + ", ".join(f"{float(v):.2f}" for v in reference) + "]"
+        return str(max(set(reference), key=list(reference).count)) if reference else ""
     return str(reference)
 
 
