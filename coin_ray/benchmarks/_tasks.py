@@ -19,6 +19,7 @@ from PIL import Image
 
 from coin_ray.benchmarks._draw import (COLORS, GLYPH_CHARS, OBJECT_CLASSES, SHAPES, canvas, draw_object, draw_shape, draw_text,
                                        finish, text_width)
+from coin_ray.tasks import format_box
 
 __all__ = ["Example", "FAMILIES", "GENERATORS", "SIGN_WORDS", "SIGN_COLORS", "TITLE_WORDS", "GENRES", "MIN_IMAGE_SIZE"]
 
@@ -249,7 +250,7 @@ def grounding(rng: np.random.Generator, size: int, family: str) -> Example:
     side_sq = max(width, height)
     dx, dy = (side_sq - width) / 2, (side_sq - height) / 2
     coords = [(x0 + dx) / side_sq, (y0 + dy) / side_sq, (x1 + dx) / side_sq, (y1 + dy) / side_sq]
-    answer = "[" + ", ".join(f"{c:.2f}" for c in coords) + "]"
+    answer = format_box(coords)
     return Example(finish(img, rng), "", answer, ref=ref, extra={"size": [width, height]})
 
 

@@ -105,9 +105,11 @@ def evaluate_task(model: torch.nn.Module, processor: Any, task: str, split_dir: 
 def _reference_text(reference: Any) -> str:
     """The ground truth as text for a knowledge judge: a Grounding box as CoIN writes it ("[x1, y1, x2, y2]",
     two decimals), the most common of several human answers, else the answer itself."""
+    from coin_ray.tasks import format_box
+
     if isinstance(reference, (list, tuple)):
         if reference and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in reference):
-            return "[" + ", ".join(f"{float(v):.2f}" for v in reference) + "]"
+            return format_box(reference)
         return str(max(set(reference), key=list(reference).count)) if reference else ""
     return str(reference)
 

@@ -227,6 +227,11 @@ def parse_box(text: str, size: Sequence[float] | None = None) -> Box | None:
     return (values[0], values[1], values[2], values[3])
 
 
+def format_box(coords: Sequence[float]) -> str:
+    """A box as CoIN's Grounding answers write it: "[x1, y1, x2, y2]" with two decimals (`parse_box` reads it)."""
+    return "[" + ", ".join(f"{float(c):.2f}" for c in coords) + "]"
+
+
 def box_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
     """Intersection over union of two [x1, y1, x2, y2] boxes.
 

@@ -10,16 +10,19 @@ from typing import Any
 from ._scoring import reference_box
 
 
+def _question_lines(text: str) -> list[str]:
+    return [line for line in text.strip("\n").split("\n") if line.strip() != "<image>"]
+
+
 def strip_instruction_line(text: str) -> str:
     """The question as CoIN's judge sees it: `text` minus its last line (the instruction).
 
     A "<image>" line is dropped first. A one-line text is returned whole rather than emptied
     (CoIN would send an empty question to the judge; an empty question helps no judge).
     """
-    lines = [line for line in text.strip("\n").split("\n") if line.strip() != "<image>"]
-    if len(lines) <= 1:
-        return "\n".join(lines)
-    return "\n".join(lines[:-1])
+    lines = _question_lines(text)
+    return "\n".join(lines if len(lines) <= 1 else lines[:-1])
+
 
 INSTRUCTION_STYLES: tuple[str, ...] = ("original", "diverse", "10type")
 """CoIN's three instruction styles: Original (LLaVA-1.5 wording), Diverse (one task-specific
@@ -116,7 +119,7 @@ class Task:
         emptied (deviation: CoIN would send an empty question). A leading "<image>" line is dropped.
         """
         if self.judge_sees_instruction:
-            return "\n".join(line for line in text.strip("\n").split("\n") if line.strip() != "<image>")
+            return "\n".join(_question_lines(text))
         return strip_instruction_line(text)
 
     # -- references and scoring --------------------------------------------------------------

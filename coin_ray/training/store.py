@@ -157,7 +157,6 @@ class StageStore:
                 json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": token, "time": time.time()}, f)
             return StageClaim(path, token, heartbeat_s=stale_s / 4)
 
-
     def ensure_eval_dir(self, key: str, material: dict[str, Any]) -> Path:
         """An entry with no checkpoint (the zero-shot row of the base model): created if absent."""
         path = self.root / key

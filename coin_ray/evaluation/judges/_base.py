@@ -64,8 +64,6 @@ class Judge(Protocol):
         ...
 
 
-
-
 def check_judge_inputs(questions: Sequence[str], references: Sequence[str], replies: Sequence[str]) -> None:
     """Raise when the three lists are not aligned or hold something other than strings."""
     sizes = (len(questions), len(references), len(replies))
