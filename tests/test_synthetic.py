@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from coin_ray.benchmarks import MIN_IMAGE_SIZE, generate_examples, write_synthetic_benchmark
+from coin_ray.benchmarks import MIN_IMAGE_SIZE, TRAIN_SCALE, generate_examples, write_synthetic_benchmark
 from coin_ray.models import build_tokenizer
 from coin_ray.tasks import TASK_NAMES, get_task
 from pipelines._records import validate_records
@@ -37,7 +37,7 @@ def test_layout_and_schema_match_coin(bench: Path):
         t = get_task(task)
         train = json.loads((bench / "Instructions" / task / "train.json").read_text())
         test = json.loads((bench / "Instructions" / task / "test.json").read_text())
-        assert len(train) == ROWS["train_rows"] and len(test) == ROWS["test_rows"]
+        assert len(train) == ROWS["train_rows"] * TRAIN_SCALE.get(task, 1) and len(test) == ROWS["test_rows"]
         for rec in train:
             assert set(rec) == {"id", "image", "conversations"}
             human, gpt = rec["conversations"]
@@ -55,6 +55,13 @@ def test_layout_and_schema_match_coin(bench: Path):
             t.reference_from_record(rec)  # the task registry accepts the reference
         ids = [r["id"] for r in train] + [r["question_id"] for r in test]
         assert len(set(ids)) == len(ids)
+
+
+def test_slow_tasks_get_more_train_rows_and_the_folder_says_so(bench: Path):
+    info = json.loads((bench / "synthetic.json").read_text())
+    assert info["train_rows"] == ROWS["train_rows"]
+    assert info["train_rows_per_task"] == {t: ROWS["train_rows"] * TRAIN_SCALE.get(t, 1) for t in TASK_NAMES}
+    assert set(TRAIN_SCALE) <= set(TASK_NAMES) and all(v >= 1 for v in TRAIN_SCALE.values())
 
 
 def _ref(text: str) -> str:
