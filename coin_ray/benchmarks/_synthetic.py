@@ -117,11 +117,12 @@ def write_synthetic_benchmark(
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
+    train_per_task = {t: train_rows * TRAIN_SCALE.get(t, 1) for t in tasks}
     try:
         for task in tasks:
             folder = tmp / INSTRUCTIONS / task
             folder.mkdir(parents=True)
-            for split, n in (("train", train_rows * TRAIN_SCALE.get(task, 1)), ("test", test_rows)):
+            for split, n in (("train", train_per_task[task]), ("test", test_rows)):
                 image_dir = tmp / IMAGE_ROOT / task / split
                 image_dir.mkdir(parents=True)
                 records = []
@@ -131,7 +132,7 @@ def write_synthetic_benchmark(
                     records.append(synthetic_records(task, ex, split, i, rel, instruction_style))
                 (folder / f"{split}.json").write_text(json.dumps(records, indent=1))
         info = {"generator_version": GENERATOR_VERSION, "tasks": list(tasks), "train_rows": train_rows,
-                "train_rows_per_task": {t: train_rows * TRAIN_SCALE.get(t, 1) for t in tasks},
+                "train_rows_per_task": train_per_task,
                 "test_rows": test_rows, "image_size": image_size, "seed": seed,
                 "instruction_style": instruction_style, "image_root": IMAGE_ROOT}
         (tmp / "synthetic.json").write_text(json.dumps(info, indent=1))

@@ -116,6 +116,11 @@ def _text_scale(size: int, text: str, width: int) -> int:
     return max(1, min(size // 16, width // (text_width(text, 1) + 2)))  # + 1-glyph-pixel padding per side
 
 
+def _ink_on(colour: str) -> tuple[int, int, int]:
+    """Text colour that reads on a `colour` background: near-black on the light ones, near-white otherwise."""
+    return (20, 20, 20) if colour in ("yellow", "white") else (250, 250, 250)
+
+
 def text_vqa(rng: np.random.Generator, size: int, family: str) -> Example:
     """A banner that fills the scene, its text printed on two lines (as posters repeat a name); the answer is the
     word (task) or the single letter / digit (base) written on it. Each word has its own sign colour (like a
@@ -133,7 +138,7 @@ def text_vqa(rng: np.random.Generator, size: int, family: str) -> Example:
     img = canvas(size, size, rng)
     sign_colour = SIGN_COLORS[text] if family == "task" else _pick(rng, _COLOR_NAMES)
     sign = COLORS[sign_colour]
-    ink = (20, 20, 20) if sign_colour in ("yellow", "white") else (250, 250, 250)
+    ink = _ink_on(sign_colour)
     margin = max(1, size // 32)
     img.paste(sign, (margin, margin, size - margin, size - margin))
     x0 = (size - tw) // 2 + int(rng.integers(-margin, margin + 1))
@@ -162,7 +167,7 @@ def ocr_vqa(rng: np.random.Generator, size: int, family: str) -> Example:
     img.paste(COLORS[series], (0, 0, width, height // 2))
     scale = _text_scale(size, title, width)
     tw, th = text_width(title, scale), 5 * scale
-    ink = (20, 20, 20) if series in ("yellow", "white") else (250, 250, 250)
+    ink = _ink_on(series)
     y = int(rng.integers(1, max(2, height // 2 - th)))
     draw_text(img, title, ((width - tw) // 2, y), ink, scale)
     if family == "task":
