@@ -25,7 +25,9 @@ __all__ = [
 
 BENCHMARKS = ("synthetic", "coin")
 METHODS = ("moelora", "lora", "full")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision: the autocast dtype (coin_ray.models._precision)
+MODEL_DTYPES = ("auto", "bf16", "fp16", "fp32")  # model.dtype: the dtype the frozen base is held in
+PROMPTS = ("vicuna_v1", "checkpoint")  # model.prompt: CoIN's vicuna_v1, or the checkpoint's own chat template
 JUDGES = ("none", "embedding", "llm")  # = coin_ray.evaluation.judges.JUDGE_KINDS (a test keeps them equal;
 # not imported so that reading a config never imports the HTTP stack)
 
@@ -36,6 +38,17 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
+
+
+def precision_problems(model_dtype: str, precision: str) -> list[str]:
+    """The rule between model.dtype and train.precision (each value is checked by its own section): a half
+    base under the other half type's autocast is refused."""
+    half = ("bf16", "fp16")
+    if model_dtype in half and precision in half and model_dtype != precision:
+        return [f"model.dtype {model_dtype} with train.precision {precision} mixes float16 and bfloat16, which "
+                f"autocast cannot combine (CLIP's embeddings fail): set both to {precision}, or train.precision "
+                "auto, which follows model.dtype"]
+    return []
 
 
 def _check(problems: list[str], ok: bool, message: str) -> None:
@@ -82,6 +95,8 @@ class ModelConfig:
     any other value is a local checkpoint folder (e.g. llava-1.5-7b-hf) loaded with local_files_only."""
 
     source: str = "tiny"
+    dtype: str = "auto"  # frozen base weights: auto (bf16 on CUDA with bf16, fp32 on CPU) | bf16 | fp16 | fp32
+    prompt: str = "vicuna_v1"  # vicuna_v1 (CoIN's prompt) | checkpoint (the folder's own chat template)
     image_size: int = 32
     patch_size: int = 8
     vision_hidden: int = 64
@@ -105,6 +120,11 @@ class ModelConfig:
             for name in ("image_size", "patch_size", "vision_hidden", "vision_layers", "hidden", "layers", "heads", "intermediate"):
                 _check(p, getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
         _check(p, self.pretrain_steps >= 0, f"model.pretrain_steps must be >= 0, got {self.pretrain_steps}")
+        _check(p, self.dtype in MODEL_DTYPES, f"model.dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
+        _check(p, self.prompt in PROMPTS, f"model.prompt must be one of {PROMPTS}, got {self.prompt!r}")
+        if self.prompt == "checkpoint":
+            _check(p, self.source != "tiny", "model.prompt 'checkpoint' needs a checkpoint folder with a chat "
+                   "template as model.source; the tiny model has none (use vicuna_v1)")
         return p
 
     def tiny_kwargs(self) -> dict[str, Any]:
@@ -156,7 +176,7 @@ class TrainConfig:
     max_steps: int = 0
     batch_size: int = 16  # per worker
     grad_accum: int = 1
-    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    precision: str = "auto"  # autocast dtype: auto = model.dtype when half, else bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
     replay_per_task: int = 0  # examples of each past task mixed into the current stage
     max_grad_norm: float = 1.0
@@ -201,6 +221,7 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
     max_failures: int = 2  # Ray Train restarts after a worker dies; the run resumes at the last stage
+    gpu_memory_gb: float = 80.0  # per-GPU memory the preflight checks its estimate against (use_gpu only)
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -210,6 +231,7 @@ class ScalingConfig:
             _check(p, self.gpus_per_worker > 0, f"scaling.gpus_per_worker must be > 0, got {self.gpus_per_worker}")
             _check(p, self.num_workers >= 1, "scaling.use_gpu needs scaling.num_workers >= 1")
         _check(p, self.max_failures >= 0, f"scaling.max_failures must be >= 0, got {self.max_failures}")
+        _check(p, self.gpu_memory_gb > 0, f"scaling.gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
         return p
 
 
@@ -253,6 +275,7 @@ class ExperimentConfig:
         problems: list[str] = []
         for section in _SECTIONS:
             problems += getattr(self, section).problems()
+        problems += precision_problems(self.model.dtype, self.train.precision)
         problems += _order_problems(self.order)
         _check(problems, bool(self.name) and "/" not in self.name,
                f"name must be a non-empty string without '/', got {self.name!r}")

@@ -8,6 +8,7 @@ from PIL import Image
 
 from coin_ray.models import (
     IGNORE_INDEX,
+    ModelSourceError,
     build_prompt,
     build_tiny_vlm,
     build_tokenizer,
@@ -161,7 +162,7 @@ def test_save_load_round_trip_identical_logits(tiny, tmp_path):
 
 
 def test_load_vlm_missing_folder_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a local folder"):
+    with pytest.raises(ModelSourceError, match="not a local folder"):
         load_vlm(tmp_path / "nope")
     with pytest.raises(ValueError, match="only apply to source='tiny'"):
         build_vlm(str(tmp_path), hidden=64)

@@ -24,7 +24,17 @@ from transformers import (
 
 from coin_ray.models._tokenizer import build_tokenizer
 
-__all__ = ["build_tiny_vlm", "load_vlm", "build_vlm"]
+__all__ = ["ModelSourceError", "SUPPORTED_FAMILIES", "build_processor", "build_tiny_vlm", "build_vlm",
+           "check_model_source", "load_vlm"]
+
+# model_type in config.json -> the class that loads it; the families the prompt, image-token expansion and
+# tuner targets are written for
+SUPPORTED_FAMILIES = {"llava": "LlavaForConditionalGeneration"}
+PROMPT_ATTR = "coin_prompt"  # on a processor: "vicuna_v1" or "checkpoint" (see coin_ray.models._chat)
+
+
+class ModelSourceError(ValueError):
+    """model.source is not a usable checkpoint folder of a supported image-text family."""
 
 _DTYPES = {"auto": "auto", "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -128,27 +138,73 @@ def build_tiny_vlm(
     return model, processor
 
 
+def check_model_source(source: str | Path) -> dict[str, Any]:
+    """The checkpoint folder's config.json, after checking that it is an image-text model of a supported family
+    with its processor files; raises ModelSourceError with the fix. Reads JSON only (no weights, no Ray)."""
+    import json
+
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise ModelSourceError(
+            f"model.source {str(source)!r} is not a local folder: pass 'tiny' for the built-in model or the path "
+            "of a checkpoint folder holding config.json (e.g. llava-1.5-7b-hf); nothing is downloaded")
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"model folder {str(folder)!r} has no config.json: is it a transformers checkpoint?")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"model folder {str(folder)!r}: config.json cannot be read ({e})") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_FAMILIES or "vision_config" not in config:
+        arch = ", ".join(config.get("architectures") or []) or "no architectures listed"
+        raise ModelSourceError(
+            f"model folder {str(folder)!r} holds a {model_type!r} checkpoint ({arch}), not an image-text model of a "
+            f"supported family ({', '.join(f'{k}: {v}' for k, v in SUPPORTED_FAMILIES.items())}): point model.source "
+            "at e.g. a llava-1.5-7b-hf folder")
+    has_processor = any((folder / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
+    has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    if not (has_processor and has_tokenizer):
+        raise ModelSourceError(
+            f"model folder {str(folder)!r} has no {'image processor' if not has_processor else 'tokenizer'} files: "
+            "save the processor beside the weights (processor.save_pretrained(folder)); the image size and the "
+            "number of image tokens come from it")
+    return config
+
+
 def load_vlm(path: str | Path, dtype: str | torch.dtype = "auto") -> tuple[PreTrainedModel, ProcessorMixin]:
     """A local checkpoint folder (e.g. llava-1.5-7b-hf, or a saved tiny model) with its processor.
 
     Never downloads: ``local_files_only=True``. The PIL image backend is chosen automatically when
-    torchvision is absent. dtype: "auto" (as saved), "fp32", "bf16", "fp16" or a torch.dtype.
+    torchvision is absent. dtype: "auto" (as saved), "fp32", "bf16", "fp16" or a torch.dtype: the frozen
+    weights are held in it whatever the folder's own dtype.
     """
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"model source {str(path)!r} is not a local folder: pass 'tiny' for the built-in model or the path "
-            "of a checkpoint folder holding config.json (e.g. llava-1.5-7b-hf); nothing is downloaded")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json: is it a transformers checkpoint?")
+    check_model_source(path)
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
         dtype = _DTYPES[dtype]
+    folder = Path(path).expanduser()
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, local_files_only=True)
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     model.eval()
     return model, processor
+
+
+def build_processor(source: str = "tiny", prompt: str = "vicuna_v1", **tiny_kwargs: Any) -> ProcessorMixin:
+    """The model's processor only (tokenizer + image processor), without loading weights: the tiny model's,
+    or the checkpoint folder's own (its image size, image-token count and `<image>` expansion). `prompt`
+    ("vicuna_v1" or "checkpoint": the folder's chat template) is recorded on it for the prompt builders."""
+    if source == "tiny":
+        processor = build_tiny_vlm(**tiny_kwargs)[1]  # building the tiny model costs milliseconds
+    else:
+        check_model_source(source)
+        processor = AutoProcessor.from_pretrained(Path(source).expanduser(), local_files_only=True)
+        if prompt == "checkpoint" and not getattr(processor, "chat_template", None):
+            raise ModelSourceError(
+                f"model.prompt is 'checkpoint' but the processor in {source!r} has no chat_template: use "
+                "model.prompt vicuna_v1 (CoIN's prompt) or save a processor with a chat template")
+    setattr(processor, PROMPT_ATTR, prompt)
+    return processor
 
 
 def build_vlm(source: str = "tiny", **tiny_kwargs: Any) -> tuple[PreTrainedModel, ProcessorMixin]:

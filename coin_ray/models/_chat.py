@@ -28,9 +28,38 @@ SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence 
 IGNORE_INDEX = -100  # label of every token the loss ignores (prompt, image tokens, padding)
 
 
-def build_prompt(question: str) -> str:
-    """The vicuna_v1 prompt for one image + question (CoIN's text: question + instruction line, no <image>)."""
+def build_prompt(question: str, processor: Any = None) -> str:
+    """The prompt for one image + question (CoIN's text: question + instruction line, no <image>): vicuna_v1,
+    or the checkpoint's own chat template when the processor was built with prompt="checkpoint"."""
+    if _uses_template(processor):
+        return _chat_template(processor, question, None)
     return f"{SYSTEM_PROMPT} USER: <image>\n{question} ASSISTANT:"
+
+
+def _uses_template(processor: Any) -> bool:
+    from coin_ray.models._build import PROMPT_ATTR
+
+    return processor is not None and getattr(processor, PROMPT_ATTR, "vicuna_v1") == "checkpoint"
+
+
+def _chat_template(processor: Any, question: str, answer: str | None) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return processor.apply_chat_template(messages, add_generation_prompt=answer is None, tokenize=False)
+
+
+def answer_text(processor: Any, question: str, answer: str) -> tuple[str, bool]:
+    """What follows the prompt in a training row, and whether </s> must be appended: vicuna_v1's answer
+    (then </s>), or what the chat template writes after the generation prompt (its own end-of-turn marker)."""
+    if not _uses_template(processor):
+        return answer, True
+    prompt = _chat_template(processor, question, None)
+    full = _chat_template(processor, question, answer)
+    if not full.startswith(prompt):
+        raise ValueError("the checkpoint's chat template does not write the assistant turn after its generation "
+                         "prompt, so the answer cannot be labelled alone: use model.prompt vicuna_v1")
+    return full[len(prompt):], False
 
 
 def image_background(processor: Any) -> tuple[int, int, int]:
@@ -58,7 +87,7 @@ def _encode_prompts(processor: Any, questions: Sequence[str], images: Sequence[I
         raise ValueError(f"got {len(questions)} questions but {len(images)} images: one image per question")
     background = image_background(processor)
     squares = [expand_to_square(im, background) for im in images]
-    prompts = [build_prompt(q) for q in questions]
+    prompts = [build_prompt(q, processor) for q in questions]
     out = processor(text=prompts, images=squares)
     ids = [list(map(int, row)) for row in out["input_ids"]]
     pixels = [np.asarray(p, dtype=np.float32) for p in out["pixel_values"]]
@@ -95,10 +124,11 @@ def encode_train_batch(
         raise ValueError(f"got {len(questions)} questions but {len(answers)} answers: one answer per question")
     tokenizer = processor.tokenizer
     prompt_ids, pixels = _encode_prompts(processor, questions, images)
-    answer_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+    texts = [answer_text(processor, q, a) for q, a in zip(questions, answers)]
+    answer_ids = tokenizer([t for t, _ in texts], add_special_tokens=False)["input_ids"]
     cols: dict[str, list] = {"input_ids": [], "labels": [], "pixel_values": pixels, "truncated": [], "valid": []}
     for i, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids)):
-        target = list(answer) + [tokenizer.eos_token_id]
+        target = list(answer) + ([tokenizer.eos_token_id] if texts[i][1] else [])
         room = max_length - len(prompt)
         valid = room >= 1
         if not valid and on_overflow == "raise":

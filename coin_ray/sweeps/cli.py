@@ -195,7 +195,8 @@ def run_main(main) -> None:
     except (UsageError, DesignError, RunSetupError, FileNotFoundError) as e:
         fail(str(e))
     except Exception as e:  # tracking server down etc.: keep the message, lose the traceback noise
-        if type(e).__name__ in ("TrackingUnavailableError", "UnknownTaskError", "PipelineInputError"):
+        if type(e).__name__ in ("TrackingUnavailableError", "UnknownTaskError", "PipelineInputError",
+                                  "ModelSourceError", "MemoryPreflightError"):
             fail(str(e))
         raise
 

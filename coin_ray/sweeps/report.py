@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,18 @@ from coin_ray.sweeps.runner import SweepOutcome, SweepSpec, trials_table
 
 
 def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
-    """Everything that can be wrong before a trial starts: storage, tracking server, Ray address."""
+    """Everything that can be wrong before a trial starts: the model folder, per-GPU memory, storage, tracking
+    server, Ray address."""
+    if cfg.model.source != "tiny":
+        from coin_ray.models import check_model_source
+
+        check_model_source(cfg.model.source)
+    if cfg.scaling.use_gpu:
+        from coin_ray.models.memory import check_memory, estimate_for_config
+
+        estimate = estimate_for_config(cfg)
+        print(f"[coin-ray] memory preflight: {estimate.line()}", flush=True)
+        check_memory(estimate, cfg.scaling.gpu_memory_gb)
     cli.check_storage(cfg.storage_path)
     if not args.no_tracking:
         from tracking import check_tracking_uri
@@ -77,6 +89,12 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
         if ui_cmd:
             print(f"Look at them with:\n  {ui_cmd}")
         print(f"then open {url}")
+    failed = [t for t in outcome.trials if t["status"] == "ERROR"]
+    if failed:  # a scheduler's stop (STOPPED) is a decision, not a failure
+        print(f"\nerror: {len(failed)} of {len(outcome.trials)} trials failed:", file=sys.stderr)
+        for t in failed:
+            print(f"  {t['name']}: {t.get('error') or 'no error message'}", file=sys.stderr)
+        raise SystemExit(1)
     return {"table": table, "analysis": analysis}
 
 

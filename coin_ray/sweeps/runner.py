@@ -166,7 +166,8 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
         row: dict[str, Any] = {"name": tcfg.name, "order": tcfg.order, "seed": tcfg.train.seed,
                                "method": tcfg.tuner.method, "num_experts": tcfg.tuner.num_experts,
                                "rank": tcfg.tuner.rank, "alpha": tcfg.tuner.alpha, "lr": tcfg.train.lr,
-                               "status": "ERROR" if res.error else "TERMINATED"}
+                               "status": "ERROR" if res.error else "TERMINATED",
+                               "error": error_summary(res.error) if res.error else None}
         try:
             rr = load_run_result(tcfg)
             row.update(matrix=rr.matrix, knowledge_matrix=rr.knowledge_matrix, metrics=rr.metrics,
@@ -189,6 +190,29 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
     outcome = SweepOutcome(trials=trials, sweep_run_id=sweep_run_id, experiment_id=None,
                            stages_trained=stages_total - reused, stages_reused=reused, storage=storage)
     return outcome
+
+
+def error_summary(error: BaseException) -> str:
+    """The first line of the innermost error a trial died of (Tune and Train wrap a worker's exception in
+    their own; the worker's own `Type: message` line is what names the cause)."""
+    import re
+
+    seen = set()
+    inner = error
+    while True:  # follow explicit causes and Ray's wrappers down to the original exception
+        nxt = getattr(inner, "__cause__", None) or getattr(inner, "cause", None)
+        if not isinstance(nxt, BaseException) or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        inner = nxt
+    text = str(inner)
+    # a wrapper that carries its workers' tracebacks as text: the last "SomeError: message" line is the cause
+    causes = re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", text, flags=re.M)
+    if causes:
+        kind, message = causes[-1]
+        return f"{kind}: {message.strip()}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(inner).__name__}: {first}" if first else type(inner).__name__
 
 
 def _trial_name_of(cfg: ExperimentConfig, config: dict[str, Any]) -> str:

@@ -40,6 +40,8 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
         tasks = tuple(tasks or cfg.order)
         instructions, images = Path(d.instructions), Path(d.images)
     model_kwargs = cfg.model.tiny_kwargs() if cfg.model.source == "tiny" else {}
+    if cfg.model.prompt != "vicuna_v1":  # the prompt is baked into the preprocessed tokens
+        model_kwargs["prompt"] = cfg.model.prompt
     out = Path(d.processed) if d.processed else storage / "data" / _short_hash(
         [str(instructions), str(images), sorted(tasks), cfg.model.source, model_kwargs, d.max_length])
     manifest = preprocess(str(instructions), str(images), list(tasks), str(out), model_source=cfg.model.source,

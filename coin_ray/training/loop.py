@@ -29,6 +29,10 @@ from coin_ray.training.store import StageEntry, StageStore, stage_key
 ADAPTER_DIR = "adapter"  # save_tuner output: tuner_config.json + tuner_weights.safetensors
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss, gradient norm or trained weight: the stage stops and nothing of it is saved."""
+
+
 @dataclass
 class WorkerEnv:
     """Where this copy of the loop runs: rank, world size, device, and how to read its data shard."""
@@ -67,7 +71,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def stage_material(cfg: ExperimentConfig, data_hash: str, prefix: tuple[str, ...]) -> dict[str, Any]:
+def stage_material(cfg: ExperimentConfig, data_hash: str, prefix: tuple[str, ...],
+                   device: torch.device | None = None) -> dict[str, Any]:
     """Everything that fixes the result of the stage ending `prefix` (the stage-store key material).
     Evaluation settings are not part of it: evaluation cells are cached per task inside the entry, and
     eval settings that change scores (max_test_rows) go into the cell key."""
@@ -81,6 +86,9 @@ def stage_material(cfg: ExperimentConfig, data_hash: str, prefix: tuple[str, ...
         "prefix": list(prefix),
         "world": cfg.scaling.num_workers or 1,  # data-parallel world changes batches and so results
     })
+    # "auto" dtypes resolve per device (bf16 on a GPU, fp32 on CPU): the resolved pair is what fixes the result
+    base, autocast = resolved_precision(cfg, device or torch.device("cpu"))
+    material["precision"] = [str(base).removeprefix("torch."), str(autocast).removeprefix("torch.")]
     if not cfg.use_stage_cache:
         material["run_name"] = cfg.name  # no sharing: the store only serves this run's own resume
     return material
@@ -93,39 +101,50 @@ def eval_cell_name(task: str, cfg: ExperimentConfig) -> str:
     return f"{task}-{tag}"
 
 
-def _autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
-
-
-def build_base(cfg: ExperimentConfig, storage_path: Path) -> tuple[torch.nn.Module, Any]:
+def build_base(cfg: ExperimentConfig, storage_path: Path, device: torch.device | None = None
+               ) -> tuple[torch.nn.Module, Any]:
     """The base VLM: tiny from config (optionally instruction-pretrained, cached under <storage>/base), or a
-    local checkpoint folder."""
+    local checkpoint folder; held in `model.dtype` as resolved for `device` (CPU when None)."""
     from coin_ray.models import build_vlm
+    from coin_ray.models._precision import resolve_dtype
 
-    kwargs = cfg.model.tiny_kwargs() if cfg.model.source == "tiny" else {}
+    dtype = resolve_dtype(cfg.model.dtype, device or torch.device("cpu"))
+    tiny = cfg.model.source == "tiny"
+    kwargs = cfg.model.tiny_kwargs() if tiny else {"dtype": dtype}
     model, processor = build_vlm(cfg.model.source, **kwargs)
-    if cfg.model.source == "tiny" and cfg.model.pretrain_steps > 0:
+    if tiny and cfg.model.pretrain_steps > 0:
         from coin_ray.benchmarks.base import pretrain_base
 
         pretrain_base(model, processor, storage_path / "base", cfg.model.pretrain_steps, cfg.model.pretrain_lr,
                       cfg.model.seed, image_size=cfg.data.image_size, max_length=cfg.data.max_length)
+    if tiny and dtype != torch.float32:
+        model.to(dtype)
     return model, processor
 
 
-def build_model(cfg: ExperimentConfig, storage_path: Path) -> tuple[torch.nn.Module, Any]:
-    """The base VLM with the tuner applied (adapter init seeded by train.seed: part of the replicate)."""
+def build_model(cfg: ExperimentConfig, storage_path: Path, device: torch.device | None = None
+                ) -> tuple[torch.nn.Module, Any]:
+    """The base VLM with the tuner applied (adapter init seeded by train.seed: part of the replicate); every
+    trainable parameter is a float32 master weight whatever the base dtype."""
+    from coin_ray.models._precision import fp32_master_weights
     from coin_ray.tuners import apply_tuner
 
-    model, processor = build_base(cfg, storage_path)
+    model, processor = build_base(cfg, storage_path, device)
     t = cfg.tuner
     torch.manual_seed(cfg.train.seed)
     apply_tuner(model, t.method, num_experts=t.num_experts, rank=t.rank, alpha=t.alpha, dropout=t.dropout,
                 target_modules=list(t.target_modules) if t.target_modules else None, top_k=t.top_k,
                 aux_loss_weight=t.aux_loss_weight)
+    fp32_master_weights(model)
     return model, processor
+
+
+def resolved_precision(cfg: ExperimentConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(base dtype, autocast dtype or None) of this run on `device`."""
+    from coin_ray.models._precision import resolve_autocast, resolve_dtype
+
+    base = resolve_dtype(cfg.model.dtype, device)
+    return base, resolve_autocast(cfg.train.precision, base, device)
 
 
 def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> RunResult | None:
@@ -145,7 +164,7 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
     order = tuple(cfg.order)
 
     torch.manual_seed(cfg.model.seed)
-    model, processor = build_model(cfg, storage)
+    model, processor = build_model(cfg, storage, env.device)
     model.to(env.device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -186,7 +205,7 @@ def _run_stages(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, s
     from coin_ray.tuners import TUNER_WEIGHTS_NAME
 
     order = tuple(cfg.order)
-    autocast_dtype = _autocast_dtype(cfg, env.device)
+    _, autocast_dtype = resolved_precision(cfg, env.device)
     loaded_entry: StageEntry | None = None  # which stage's weights the model holds (None = base)
     pending: StageEntry | None = None  # weights to load before the model is next used
 
@@ -225,7 +244,7 @@ def _run_stages(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, s
 
     zero_shot = knowledge_zero = None
     if cfg.eval.zero_shot:
-        material = stage_material(cfg, data["data_hash"], ())
+        material = stage_material(cfg, data["data_hash"], (), env.device)
         base_dir = store.ensure_eval_dir(stage_key(material), material).parent if env.rank == 0 else None
         env.barrier()
         base_dir = base_dir or store.root / stage_key(material)
@@ -241,7 +260,7 @@ def _run_stages(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, s
     for k, task in enumerate(order):
         started = time.time()
         prefix = order[: k + 1]
-        material = stage_material(cfg, data["data_hash"], prefix)
+        material = stage_material(cfg, data["data_hash"], prefix, env.device)
         key = stage_key(material)
         entry = store.get(key)
         claim = None
@@ -366,6 +385,16 @@ def _train_stage(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, 
     collate = train_collate_fn(pad_id)
     shard = env.get_shard(f"stage_{k}")
     fail = config.get("fail_once")
+    # float16 autocast needs loss scaling (its gradients underflow); a step whose scaled gradients overflowed
+    # is skipped by the scaler, as GradScaler is meant to work
+    scaler = torch.amp.GradScaler(env.device.type) if autocast_dtype == torch.float16 else None
+
+    def non_finite(what: str, value: float) -> NonFiniteError:
+        return NonFiniteError(
+            f"non-finite {what} in trial {cfg.name}, stage {k} ({prefix[-1]}), step {step + 1}: {what} = {value} "
+            f"at lr {scheduler.get_last_lr()[0]:.3g}; nothing of this stage was saved. Lower train.lr, or train "
+            "in bf16 or fp32 (train.precision)")
+
     losses: list[tuple[int, float]] = []
     step = 0
     micro = 0
@@ -384,14 +413,26 @@ def _train_stage(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, 
                 aux = tuner_aux_loss(model)
                 if aux is not None:
                     loss = loss + aux
-            (loss / cfg.train.grad_accum).backward()
-            running += float(loss.detach()) / cfg.train.grad_accum
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise non_finite("loss", value)
+            scaled = loss / cfg.train.grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            running += value / cfg.train.grad_accum
             micro += 1
             if micro % cfg.train.grad_accum:
                 continue
-            if cfg.train.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            # max_norm inf measures without clipping: the norm is checked in every case
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or math.inf))
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            elif not math.isfinite(norm):
+                raise non_finite("gradient norm", norm)
+            else:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -406,6 +447,9 @@ def _train_stage(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, 
         if n_batches == 0:
             raise RuntimeError(f"stage {k} ({prefix[-1]}): the training shard is empty; check the preprocessed data")
     model.eval()
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise non_finite(f"weights ({len(bad)} tensors, e.g. {bad[0]})", math.nan)
     return losses, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "steps": step}
 
 

@@ -1,0 +1,196 @@
+"""Per-GPU memory preflight: estimate what one Train worker needs before Ray starts, and refuse what cannot fit.
+
+The parameter counts are exact: the model is built on the meta device from its config.json (no weights are
+read), and the tuner's targets are resolved on it as training resolves them. The rest is the usual accounting:
+
+- frozen weights: count x bytes of ``model.dtype``;
+- trained parameters: fp32 master weight + fp32 gradient + AdamW's two fp32 moments = 16 bytes each, plus one
+  more fp32 gradient bucket per parameter under DDP (more than one worker);
+- activations saved for backward, per language-model layer: its hidden input, and - for the layer being
+  recomputed under gradient checkpointing, or for every layer without it - the inputs of its projections and
+  MLP ((8 H + 4 I) values per token) plus each adapted Linear's adapter input and hidden (in + r values per
+  token); attention itself is taken as memory-efficient (no S x S matrix kept);
+- the logits (B x S x V) in the compute dtype plus their fp32 copy and gradient for the loss;
+- a fixed 1.5 GiB for the CUDA context and kernels, and 10 % of the total for allocator fragmentation.
+
+    python -m coin_ray.models.memory --config configs/coin_llava7b.yaml --shape llava-1.5-7b
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+CONTEXT_GIB = 1.5
+FRAGMENTATION = 0.10
+
+__all__ = ["MemoryEstimate", "MemoryPreflightError", "estimate_memory", "estimate_for_config", "llava_1_5_7b_config",
+           "check_memory"]
+
+
+class MemoryPreflightError(ValueError):
+    """The estimated per-GPU memory exceeds what the GPU has."""
+
+
+@dataclass
+class MemoryEstimate:
+    total_params: int
+    trainable_params: int
+    parts_gib: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_gib(self) -> float:
+        return sum(self.parts_gib.values())
+
+    def line(self) -> str:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in self.parts_gib.items())
+        s = self.settings
+        return (f"estimated {self.total_gib:.1f} GiB per GPU for {s['method']} ({self.trainable_params / 1e6:.1f} M "
+                f"of {self.total_params / 1e9:.2f} B parameters trained), {s['dtype']} weights, batch {s['batch']} x "
+                f"{s['seq']} tokens, gradient checkpointing {'on' if s['checkpointing'] else 'off'}, "
+                f"{s['world']} worker(s): {parts} GiB")
+
+
+def llava_1_5_7b_config():
+    """The architecture of llava-1.5-7b-hf (CLIP ViT-L/14 at 336 px, 576 image tokens; a Llama-2-7B-shaped
+    Vicuna), built from config: nothing is downloaded."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576,
+                       vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu")
+
+
+def _meta_model(model_config: Any, method: str, *, num_experts: int, rank: int, target_modules: Any):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from coin_ray.tuners import apply_tuner
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(model_config)
+        apply_tuner(model, method, num_experts=num_experts, rank=rank, alpha=2.0 * rank, dropout=0.0,
+                    target_modules=target_modules)
+    return model
+
+
+def estimate_memory(model_config: Any, *, method: str, num_experts: int, rank: int, dtype: str,
+                    gradient_checkpointing: bool, batch_size: int, seq_len: int, world: int = 1,
+                    target_modules: Any = None) -> MemoryEstimate:
+    """The per-GPU estimate of one Train worker (see the module docstring for what is counted)."""
+    from torch import nn
+
+    from coin_ray.tuners.moelora import MoELoRALinear
+
+    if dtype not in _BYTES:
+        raise ValueError(f"dtype must be one of {sorted(_BYTES)} (resolve 'auto' first), got {dtype!r}")
+    model = _meta_model(model_config, method, num_experts=num_experts, rank=rank, target_modules=target_modules)
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    text = model_config.text_config if hasattr(model_config, "text_config") else model_config
+    hidden, inter, layers, vocab = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
+    act = _BYTES[dtype] if dtype != "fp32" else 4
+    tokens = batch_size * seq_len
+    adapter_values = 0  # per token, over every adapted Linear of the model
+    for module in model.modules():
+        if isinstance(module, MoELoRALinear):
+            adapter_values += module.in_features + module.rank + module.num_experts
+        elif hasattr(module, "lora_A") and isinstance(getattr(module, "base_layer", None), nn.Linear):
+            adapter_values += module.base_layer.in_features + rank
+    per_layer_full = (8 * hidden + 4 * inter) * act + adapter_values / max(layers, 1) * act
+    saved_layers = 1 if gradient_checkpointing else layers
+    parts = {
+        "weights": (total - trainable) * _BYTES[dtype] / GIB,
+        "trained (fp32 weight, grad, AdamW)": trainable * 16 / GIB,
+    }
+    if world > 1:
+        parts["DDP gradient buckets"] = trainable * 4 / GIB
+    parts["activations"] = tokens * (layers * hidden * act + saved_layers * per_layer_full) / GIB
+    parts["logits"] = tokens * vocab * (act + 8) / GIB
+    parts["CUDA context"] = CONTEXT_GIB
+    parts["fragmentation"] = FRAGMENTATION * sum(parts.values())
+    return MemoryEstimate(total_params=total, trainable_params=trainable, parts_gib=parts,
+                          settings={"method": method, "dtype": dtype, "batch": batch_size, "seq": seq_len,
+                                    "checkpointing": gradient_checkpointing, "world": world})
+
+
+def estimate_for_config(cfg: Any, model_config: Any = None) -> MemoryEstimate:
+    """The estimate for an ExperimentConfig on a GPU (model.dtype auto -> bf16), from its checkpoint folder's
+    config.json unless `model_config` is given."""
+    from transformers import AutoConfig
+
+    if model_config is None and cfg.model.source == "tiny":
+        from coin_ray.models._build import build_tiny_vlm
+
+        model_config = build_tiny_vlm(**cfg.model.tiny_kwargs())[0].config
+    if model_config is None:
+        from coin_ray.models._build import check_model_source
+
+        check_model_source(cfg.model.source)
+        model_config = AutoConfig.from_pretrained(Path(cfg.model.source).expanduser(), local_files_only=True)
+    dtype = "bf16" if cfg.model.dtype == "auto" else cfg.model.dtype
+    t = cfg.tuner
+    return estimate_memory(model_config, method=t.method, num_experts=t.num_experts, rank=t.rank, dtype=dtype,
+                           gradient_checkpointing=cfg.train.gradient_checkpointing, batch_size=cfg.train.batch_size,
+                           seq_len=cfg.data.max_length, world=max(cfg.scaling.num_workers, 1),
+                           target_modules=list(t.target_modules) if t.target_modules else None)
+
+
+def check_memory(estimate: MemoryEstimate, gpu_gib: float) -> None:
+    """Raise MemoryPreflightError with the estimate and the ways out when it does not fit `gpu_gib`."""
+    if estimate.total_gib <= gpu_gib:
+        return
+    s = estimate.settings
+    ways = []
+    if s["method"] == "full":
+        ways.append("tuner.method moelora or lora (full fine-tuning keeps 16 bytes per parameter in fp32)")
+    if not s["checkpointing"]:
+        ways.append("train.gradient_checkpointing true")
+    if s["batch"] > 1:
+        ways.append(f"a smaller train.batch_size with a larger train.grad_accum (batch {s['batch']})")
+    if s["dtype"] == "fp32":
+        ways.append("model.dtype bf16")
+    ways.append("scaling.gpu_memory_gb if your GPUs have more memory")
+    raise MemoryPreflightError(f"will not fit: {estimate.line()}; the GPU has {gpu_gib:.0f} GiB. Way out: "
+                               + "; or ".join(ways))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Per-GPU memory estimate of an experiment config (nothing is loaded).")
+    p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/coin_llava7b.yaml")
+    p.add_argument("--shape", choices=("llava-1.5-7b",),
+                   help="use this built-in architecture instead of the config's model.source folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    args = p.parse_args(argv)
+    import yaml
+
+    from coin_ray.config import ExperimentConfig
+
+    raw: dict[str, Any] = {}
+    for section, value in (yaml.safe_load(Path(args.config).read_text()) or {}).items():
+        raw.update({f"{section}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {section: value})
+    for pair in args.set:
+        key, _, value = pair.partition("=")
+        raw[key] = yaml.safe_load(value)
+    cfg = ExperimentConfig.from_dict(raw)
+    est = estimate_for_config(cfg, llava_1_5_7b_config() if args.shape else None)
+    print(est.line())
+    print(json.dumps({"total_gib": round(est.total_gib, 2), "gpu_memory_gb": cfg.scaling.gpu_memory_gb,
+                      "fits": est.total_gib <= cfg.scaling.gpu_memory_gb,
+                      "parts_gib": {k: round(v, 2) for k, v in est.parts_gib.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
