@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
