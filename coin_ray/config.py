@@ -71,6 +71,7 @@ class DataConfig:
     max_train_rows: int | None = None  # cap per task (coin: the data-volume study; None = all)
     max_test_rows: int | None = None  # cap per task for evaluation (CoIN's "slim" sets use 4000)
     max_length: int = 160  # token budget per example (prompt + image tokens + answer)
+    max_image_pixels: int = 64_000_000  # images with more pixels (width x height) are rejected: image_too_large
     materialize_below_mb: int = 512  # stages smaller than this are read once into Ray's object store
     seed: int = 0  # generator seed (synthetic)
 
@@ -83,6 +84,8 @@ class DataConfig:
         _check(p, self.train_rows >= 1, f"data.train_rows must be >= 1, got {self.train_rows}")
         _check(p, self.test_rows >= 1, f"data.test_rows must be >= 1, got {self.test_rows}")
         _check(p, self.max_length >= 16, f"data.max_length must be >= 16, got {self.max_length}")
+        _check(p, self.max_image_pixels >= 1,
+               f"data.max_image_pixels must be >= 1 (pixels, width x height), got {self.max_image_pixels}")
         for name in ("max_train_rows", "max_test_rows"):
             v = getattr(self, name)
             _check(p, v is None or v >= 1, f"data.{name} must be >= 1 or null, got {v}")

@@ -2,7 +2,9 @@
 
 `Encoder` is the callable class given to `Dataset.map_batches`; it turns validated work items (see
 _records.py) into the stored row schema. Images that fail to decode are not rows: they go to a
-`RejectionSink` actor, which the driver drains into OUT/rejected.jsonl once the write finishes.
+`RejectionSink` actor, which the driver drains into OUT/rejected.jsonl once the write finishes. An image above
+`max_image_pixels` is refused from its header, before its pixels are decoded (`image_too_large`); PIL's own
+decompression-bomb limit (Image.MAX_IMAGE_PIXELS) stays in force and counts as `image_too_large` too.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from pipelines._records import TRUNCATED, UNREADABLE_IMAGE
+from pipelines._records import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TOO_LARGE, TRUNCATED, UNREADABLE_IMAGE
 
 # Directory partition columns: written as OUT/<task>/<split>/ and dropped from the files by the writer
 # (pyarrow drops partition columns), which is why `task` is kept as a separate, ordinary column.
@@ -51,13 +53,25 @@ class RejectionSink:
         return sorted(self._rows.values(), key=lambda r: (r["task"], r["split"], r["index"]))
 
 
-def _decode(data: bytes | str) -> Any:
-    """An RGB PIL image from a path or bytes, fully decoded now (PIL is lazy; corrupt tails show at load)."""
+class ImageTooLarge(ValueError):
+    """An image with more pixels than allowed (ours or PIL's decompression-bomb limit)."""
+
+
+def _decode(data: bytes | str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Any:
+    """An RGB PIL image from a path or bytes, fully decoded now (PIL is lazy; corrupt tails show at load).
+    Raises ImageTooLarge, from the header alone, when width x height is above `max_pixels`."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-        image.load()
-        return image.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"{width}x{height} = {width * height} pixels, above data.max_image_pixels "
+                                    f"({max_pixels})")
+            image.load()
+            return image.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"PIL refuses it as a possible decompression bomb ({e})") from None
 
 
 class _HFImages:
@@ -83,7 +97,8 @@ class _HFImages:
 class Encoder:
     """map_batches callable: work items (pyarrow batch) -> stored rows (pyarrow table)."""
 
-    def __init__(self, model_source: str, model_kwargs: dict[str, Any], max_length: int, sink: Any = None) -> None:
+    def __init__(self, model_source: str, model_kwargs: dict[str, Any], max_length: int, sink: Any = None,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         from PIL import Image
 
         import coin_ray.models as models
@@ -91,13 +106,15 @@ class Encoder:
         self._models = models
         self.processor = load_processor(model_source, model_kwargs)
         self.max_length = max_length
+        self.max_image_pixels = max_image_pixels
         self.sink = sink
         self._hf = _HFImages()
         probe = models.encode_prompt_batch(self.processor, ["probe"], [Image.new("RGB", (8, 8))])
         self._pixel_shape = tuple(np.asarray(probe["pixel_values"][0]).shape)  # for all-rejected batches
 
     def _load(self, item: dict[str, Any]) -> Any:
-        return _decode(self._hf.get(json.loads(item["hf_image"])) if item["hf_image"] else item["image"])
+        return _decode(self._hf.get(json.loads(item["hf_image"])) if item["hf_image"] else item["image"],
+                       self.max_image_pixels)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         table, rejected = self.encode(batch)
@@ -113,6 +130,11 @@ class Encoder:
         for i, item in enumerate(items):
             try:
                 images[i] = self._load(item)
+            except ImageTooLarge as e:
+                rejected.append(_rejection(item, IMAGE_TOO_LARGE,
+                                           f"image {item['image'] or 'embedded in the HF dataset'} is too large: "
+                                           f"{e}; downscale it or raise data.max_image_pixels "
+                                           "(--max-image-pixels)"))
             except Exception as e:  # noqa: BLE001 - any decode failure rejects this one record, not the run
                 rejected.append(_rejection(item, UNREADABLE_IMAGE,
                                            f"image {item['image'] or 'embedded in the HF dataset'} cannot be "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipelines._records import PipelineInputError
+from pipelines._records import HF_IMAGE, PipelineInputError
 
 DEFAULT_COLUMNS = {"question": "question", "answer": "answer", "image": "image"}
 SPLIT_NAMES = {"train": "train", "test": "test", "validation": "test", "val": "test"}
@@ -88,7 +88,7 @@ def records(path: Path, hf_split: str, ds: Any, split: str, columns: dict[str, s
             record = {"text": value.pop("question"), "question_id": value.pop("id", row_index)}
         record.update(value)  # other CoIN fields (answer_bbox, size, ...)
         if has_bytes is not None and has_bytes[row_index]:
-            record["_hf_image"] = {"path": str(path), "split": hf_split, "row": row_index, "column": image_col}
+            record[HF_IMAGE] = {"path": str(path), "split": hf_split, "row": row_index, "column": image_col}
         else:
             record["image"] = paths[row_index] if paths is not None else None
         yield record

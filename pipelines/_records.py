@@ -3,6 +3,10 @@
 Everything here is cheap (JSON + one stat per image) and runs on the driver; decoding images is left to
 the Ray Data stage. A bad record becomes a `Rejection`; a bad *file* (invalid JSON, missing task folder)
 raises `PipelineInputError`, because no record of it can be trusted.
+
+Internal fields never come from user data: the embedded-image reference of a HF dataset row sits under the key
+`HF_IMAGE`, an object that no JSON text can produce as a key, so a user record cannot skip the image-root
+check by naming a field.
 """
 from __future__ import annotations
 
@@ -20,6 +24,22 @@ MISSING_FIELD = "missing_field"
 EMPTY_ANSWER = "empty_answer"
 MULTI_TURN = "multi_turn"
 TRUNCATED = "truncated"
+IMAGE_TOO_LARGE = "image_too_large"
+INVALID_BOX = "invalid_box"
+
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # width x height above which an image is refused (about 64 Mpx)
+
+
+class _InternalKey(str):
+    """A record key set only by this package's own readers. It compares equal to no str that JSON can produce
+    (equality and hash go by identity); being a str, it still sorts with a record's other keys."""
+
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__
+
+
+HF_IMAGE = _InternalKey("hf_image")  # (see the module docstring)
 
 IMAGE_TOKEN = "<image>"
 TEST_FILE_NAMES = ("test.json", "val.json")  # CoIN names the evaluation file either way
@@ -141,9 +161,13 @@ def validate_records(task: str, split: str, source: str, records: Iterable[Any],
     """Check each record of one split; accepted ones become work items for the Ray Data stage.
 
     Train items carry (question, answer); test items carry (question, reference as JSON text, size).
-    `reference` is the task's `reference_from_record`. With `max_rows`, reading stops after that many
-    accepted records (a smoke run then costs what it uses).
+    `reference` is the task's `reference_from_record`. A train answer of a box task (Grounding) must be a
+    box (`coin_ray.tasks.box_problem`). With `max_rows`, reading stops after that many accepted records (a
+    smoke run then costs what it uses).
     """
+    from coin_ray.tasks import box_problem, get_task
+
+    box_answers = get_task(task).answer_format == "box"
     out = SplitRecords(task, split, source)
     for index, record in enumerate(records):
         if max_rows is not None and len(out.items) >= max_rows:
@@ -165,6 +189,10 @@ def validate_records(task: str, split: str, source: str, records: Iterable[Any],
             question, answer = _train_fields(record)
             if question is None:
                 reject(*answer)
+                continue
+            problem = box_problem(answer) if box_answers else None
+            if problem is not None:
+                reject(INVALID_BOX, f"the answer {answer!r:.60} is not a box: {problem}")
                 continue
             item.update(id=rec_id if rec_id is not None else f"{task}-{index}", question=question, answer=answer)
         else:
@@ -201,7 +229,7 @@ def validate_records(task: str, split: str, source: str, records: Iterable[Any],
 
 def _item_image(record: dict[str, Any], image_root: Path, item: dict[str, Any]) -> tuple[Any, str | None, str | None]:
     """Fill item['image'] (absolute path) or item['hf_image'] (a lazy reference to embedded bytes)."""
-    hf_ref = record.get("_hf_image")
+    hf_ref = record.get(HF_IMAGE)
     if hf_ref is not None:  # embedded image bytes in a HF dataset: loaded lazily by the encoder
         item.update(image="", hf_image=json.dumps(hf_ref), fingerprint=None)
         return hf_ref, None, None

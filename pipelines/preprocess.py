@@ -2,7 +2,8 @@
 
     python pipelines/preprocess.py --instructions DATA/Instructions --images DATA/images \
         --tasks ScienceQA,Grounding --out runs/data [--model tiny|PATH] [--max-length 2048] \
-        [--max-rows-per-split N] [--force] [--hf-dataset TASK=PATH --hf-columns question=q,answer=a,image=img]
+        [--max-rows-per-split N] [--max-image-pixels N] [--force]
+        [--hf-dataset TASK=PATH --hf-columns question=q,answer=a,image=img]
 
 Layout of OUT (a contract with training and evaluation):
     OUT/<Task>/train/*.parquet   id, task, index, input_ids, labels, pixel_values, question, answer
@@ -32,8 +33,8 @@ from typing import Any, Mapping, Sequence
 from pipelines import _hf
 from pipelines._encode import PARTITION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS, Encoder, RejectionSink
 from pipelines._hashing import ContentHasher
-from pipelines._records import (PipelineInputError, Rejection, SplitRecords, read_json_list, split_files,
-                                validate_records)
+from pipelines._records import (DEFAULT_MAX_IMAGE_PIXELS, PipelineInputError, Rejection, SplitRecords,
+                                read_json_list, split_files, validate_records)
 
 MANIFEST_VERSION = 1  # layout of manifest.json and of OUT
 ENCODING_VERSION = 1  # bump when the stored rows change for the same inputs (part of the content hash)
@@ -72,14 +73,17 @@ def plan(
     max_length: int = 2048,
     max_rows: int | None = None,
     hf_datasets: Mapping[str, HFSource] | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Plan:
     """Read and validate every task's records and hash inputs + config (driver only, no Ray, no decoding).
 
     instructions: folder with <Task>/train.json and <Task>/test.json (or val.json); may be None when every
     task comes from `hf_datasets`. images: the image root every record path is relative to.
-    max_rows: keep at most this many valid records per split (the first ones).
+    max_rows: keep at most this many valid records per split (the first ones). max_image_pixels: images
+    with more pixels (width x height) are rejected as image_too_large (part of the hash: it decides which
+    rows survive).
     """
-    task_names = _check_args(tasks, max_length, max_rows)
+    task_names = _check_args(tasks, max_length, max_rows, max_image_pixels)
     hf_datasets = dict(hf_datasets or {})
     unknown_hf = sorted(set(hf_datasets) - set(task_names))
     if unknown_hf:
@@ -94,6 +98,7 @@ def plan(
         "model_source": model_source, "model_kwargs": dict(model_kwargs or {}), "max_length": max_length,
         "max_rows_per_split": max_rows, "tasks": task_names, "encoding_version": ENCODING_VERSION,
         "hf_columns": {t: s.columns for t, s in sorted(hf_datasets.items())},
+        "max_image_pixels": max_image_pixels,
     }
     hasher = ContentHasher()
     hasher.add_json("config", config)
@@ -123,6 +128,7 @@ def preprocess(
     hf_datasets: Mapping[str, HFSource] | None = None,
     batch_size: int = 16,
     num_actors: int | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """Preprocess `tasks` into `out` and return the manifest (reused as is when the content hash matches).
 
@@ -138,7 +144,7 @@ def preprocess(
     out = Path(out).expanduser().resolve()
     _check_out_is_ours(out)
     p = plan(instructions, images, tasks, model_source=model_source, model_kwargs=model_kwargs,
-             max_length=max_length, max_rows=max_rows, hf_datasets=hf_datasets)
+             max_length=max_length, max_rows=max_rows, hf_datasets=hf_datasets, max_image_pixels=max_image_pixels)
 
     manifest_path = out / "manifest.json"
     if not force and manifest_path.is_file():
@@ -152,7 +158,7 @@ def preprocess(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     encoder_rejections = _encode(p.splits, tmp, model_source, p.config["model_kwargs"], max_length, batch_size,
-                                 num_actors)
+                                 num_actors, max_image_pixels)
     rejections = [r.to_json() for s in p.splits for r in s.rejections] + encoder_rejections
     rejections.sort(key=lambda r: (p.tasks.index(r["task"]), SPLITS.index(r["split"]), r["index"]))
     with open(tmp / "rejected.jsonl", "w") as f:
@@ -174,7 +180,8 @@ def preprocess(
     return manifest
 
 
-def _check_args(tasks: Sequence[str] | str, max_length: int, max_rows: int | None) -> list[str]:
+def _check_args(tasks: Sequence[str] | str, max_length: int, max_rows: int | None,
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[str]:
     from coin_ray.tasks import TASK_NAMES, get_task
 
     given = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
@@ -193,6 +200,8 @@ def _check_args(tasks: Sequence[str] | str, max_length: int, max_rows: int | Non
         problems.append(f"max_length must be >= 1, got {max_length}")
     if max_rows is not None and max_rows < 1:
         problems.append(f"max_rows must be >= 1 (or None for all rows), got {max_rows}")
+    if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+        problems.append(f"max_image_pixels must be an integer >= 1 (width x height), got {max_image_pixels!r}")
     if problems:
         raise PipelineInputError("; ".join(problems))
     return names
@@ -232,7 +241,8 @@ def _read_tasks(task_names: list[str], instructions: str | Path | None, image_ro
 
 
 def _encode(splits: list[SplitRecords], tmp: Path, model_source: str, model_kwargs: dict[str, Any],
-            max_length: int, batch_size: int, num_actors: int | None) -> list[dict[str, Any]]:
+            max_length: int, batch_size: int, num_actors: int | None,
+            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[dict[str, Any]]:
     """Run the Ray Data stage over every accepted item; returns the encoder's rejections."""
     import ray
     import ray.data
@@ -256,7 +266,8 @@ def _encode(splits: list[SplitRecords], tmp: Path, model_source: str, model_kwar
             ds = ds.map_batches(
                 Encoder,
                 fn_constructor_kwargs={"model_source": model_source, "model_kwargs": model_kwargs,
-                                       "max_length": max_length, "sink": sink},
+                                       "max_length": max_length, "sink": sink,
+                                       "max_image_pixels": max_image_pixels},
                 batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=1,
             )
@@ -323,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-kwargs", default="{}", help='JSON kwargs for the tiny model, e.g. \'{"image_size": 336}\'')
     parser.add_argument("--max-length", type=int, default=2048, help="max tokens per training row (answers are cut)")
     parser.add_argument("--max-rows-per-split", type=int, default=None, help="keep the first N valid records per split")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="reject images with more pixels (width x height) as image_too_large (default: %(default)d)")
     parser.add_argument("--force", action="store_true", help="recompute even when the content hash matches")
     parser.add_argument("--hf-dataset", action="append", default=[], metavar="TASK=PATH",
                         help="read TASK from a datasets.save_to_disk folder (repeatable)")
@@ -342,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.instructions, args.images, args.tasks, args.out, model_source=args.model,
             model_kwargs=model_kwargs, max_length=args.max_length, max_rows=args.max_rows_per_split,
             force=args.force, hf_datasets=_parse_hf(args.hf_dataset, args.hf_columns),
-            batch_size=args.batch_size, num_actors=args.num_actors)
+            batch_size=args.batch_size, num_actors=args.num_actors, max_image_pixels=args.max_image_pixels)
     except PipelineInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

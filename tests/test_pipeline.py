@@ -220,6 +220,77 @@ def test_encoder_rejects_corrupt_and_truncated_rows(tmp_path: Path) -> None:
     assert table.num_rows == 2 and not rejected
 
 
+def test_internal_fields_are_never_read_from_user_json(tmp_path: Path) -> None:
+    """A user record naming the internal embedded-image field gets the image-root check like any other."""
+    instr, images = make_coin(tmp_path)
+    hf_ref = {"path": str(tmp_path / "hf"), "split": "train", "row": 0, "column": "img"}
+    records = [_train(0, "../outside.png", _hf_image=hf_ref), {**_train(1, "sqa/1.png"), "_hf_image": hf_ref},
+               {**_train(2, "sqa/2.png"), "hf_image": hf_ref}]
+    (instr / "ScienceQA" / "train.json").write_text(json.dumps(records))
+    loaded, _ = read_json_list(instr / "ScienceQA" / "train.json")
+    out = validate_records("ScienceQA", "train", "x", loaded, images.resolve(), get_task("ScienceQA").reference_from_record)
+    assert [(r.id, r.kind) for r in out.rejections] == [("t0", PATH_ESCAPE)]
+    assert [(i["id"], i["hf_image"]) for i in out.items] == [("t1", ""), ("t2", "")]
+    assert all(i["image"].startswith(str(images.resolve())) for i in out.items)
+
+
+def test_grounding_train_answers_must_be_boxes(tmp_path: Path) -> None:
+    from pipelines._records import INVALID_BOX
+
+    instr, images = make_coin(tmp_path)
+    answers = ["[0.10, 0.20, 0.50, 0.60]", "a dog", "[0.1, 0.2, 0.5]", "[0.1, 0.2, 5, 0.6]", "[0.5, 0.2, 0.1, 0.6]",
+               "[nan, 0.2, 0.5, 0.6]"]
+    records = [_train(i, "coco/0.jpg", answer=a) for i, a in enumerate(answers)]
+    out = validate_records("Grounding", "train", "x", records, images.resolve(), get_task("Grounding").reference_from_record)
+    assert [i["id"] for i in out.items] == ["t0"]
+    assert [(r.id, r.kind) for r in out.rejections] == [(f"t{i}", INVALID_BOX) for i in range(1, 6)]
+    reasons = {r.id: r.reason for r in out.rejections}
+    assert "[x1, y1, x2, y2]" in reasons["t1"] and "[0, 1]" in reasons["t3"] and "x1 <= x2" in reasons["t4"]
+    # other tasks' answers are not boxes and need not be
+    out = validate_records("ScienceQA", "train", "x", [_train(0, "sqa/0.png", answer="a dog")], images.resolve(),
+                           get_task("ScienceQA").reference_from_record)
+    assert not out.rejections
+
+
+def test_images_above_max_image_pixels_are_rejected_before_decoding(tmp_path: Path, monkeypatch) -> None:
+    import pyarrow as pa
+    from PIL import Image as PILImage
+
+    from pipelines._encode import Encoder
+    from pipelines._records import IMAGE_TOO_LARGE
+
+    instr, images = make_coin(tmp_path)
+    _image(images / "sqa" / "big.png", size=(40, 30))  # 1200 px
+    records = [_train(0, "sqa/0.png"), _train(1, "sqa/big.png")]  # 24x16 = 384 px, 1200 px
+    items = validate_records("ScienceQA", "train", "x", records, images.resolve(),
+                             get_task("ScienceQA").reference_from_record).items
+    table, rejected = Encoder("tiny", TINY, max_length=256, max_image_pixels=1000).encode(pa.Table.from_pylist(items))
+    assert table.column("id").to_pylist() == ["t0"]
+    assert [(r["id"], r["kind"]) for r in rejected] == [("t1", IMAGE_TOO_LARGE)]
+    assert "40x30 = 1200 pixels, above data.max_image_pixels (1000)" in rejected[0]["reason"]
+    # PIL's own decompression-bomb limit still holds (lowered here so that a test image trips it: PIL errors
+    # above twice its limit) and is reported alike
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 500)
+    table, rejected = Encoder("tiny", TINY, max_length=256).encode(pa.Table.from_pylist(items))
+    assert table.column("id").to_pylist() == ["t0"] and [(r["id"], r["kind"]) for r in rejected] == [
+        ("t1", IMAGE_TOO_LARGE)]
+    assert "decompression bomb" in rejected[0]["reason"]
+
+
+def test_max_image_pixels_is_checked_and_part_of_the_hash(tmp_path: Path) -> None:
+    from coin_ray.config import ConfigError, ExperimentConfig
+    from pipelines.preprocess import plan
+
+    instr, images = make_coin(tmp_path)
+    default = plan(instr, images, ["ScienceQA"], model_kwargs=TINY).content_hash
+    assert plan(instr, images, ["ScienceQA"], model_kwargs=TINY, max_image_pixels=10_000).content_hash != default
+    with pytest.raises(PipelineInputError, match=r"max_image_pixels must be an integer >= 1"):
+        plan(instr, images, ["ScienceQA"], max_image_pixels=0)
+    assert ExperimentConfig().data.max_image_pixels == 64_000_000
+    with pytest.raises(ConfigError, match=r"data.max_image_pixels must be >= 1"):
+        ExperimentConfig.from_dict({"data.max_image_pixels": 0})
+
+
 def test_content_hasher_separates_parts() -> None:
     a, b = ContentHasher(), ContentHasher()
     a.add("x", b"ab"), a.add("y", b"c")

@@ -92,18 +92,93 @@ def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 # ---- pure helpers ----------------------------------------------------------------------------------------------
-def test_secret_keys_are_dropped_including_inside_json_values():
-    from tracking import drop_secrets, is_secret_key
+def test_secret_keys_are_masked_including_inside_json_values():
+    from tracking import is_secret_key, redact_params
 
-    dropped = ["api_key", "judge.apiKey", "HF_TOKEN", "keys", "db.password", "client_secret", "aws_access_key_id"]
-    kept = ["num_experts", "tuner.rank", "tokenizer", "keyframe", "eval.judge"]
-    assert [k for k in dropped if not is_secret_key(k)] == []
+    secret = ["api_key", "judge.apiKey", "HF_TOKEN", "keys", "db.password", "client_secret", "aws_access_key_id",
+              "auth", "judge_options.headers", "Authorization", "session_cookie"]
+    kept = ["num_experts", "tuner.rank", "tokenizer", "keyframe", "eval.judge", "author", "tracking.tracking_uri"]
+    assert [k for k in secret if not is_secret_key(k)] == []
     assert [k for k in kept if is_secret_key(k)] == []
-    out = drop_secrets({"tuner.num_experts": 4, "llm.api_key": "sk-1",
-                        "eval.judge_options": json.dumps({"model": "m", "api_key": "sk-2", "nested": {"token": "t"}})})
-    assert set(out) == {"tuner.num_experts", "eval.judge_options"}
-    assert json.loads(out["eval.judge_options"]) == {"model": "m", "nested": {}}
+    out = redact_params({"tuner.num_experts": 4, "llm.api_key": "sk-1", "llm.password": None,
+                         "eval.judge_options": json.dumps({"model": "m", "api_key": "sk-2", "nested": {"token": "t"}})})
+    # keys stay (a reader sees that a value was set), values are ***; an unset secret stays unset
+    assert out == {"tuner.num_experts": 4, "llm.api_key": "***", "llm.password": None,
+                   "eval.judge_options": json.dumps({"api_key": "***", "model": "m", "nested": {"token": "***"}},
+                                                    sort_keys=True)}
     assert "sk-" not in json.dumps(out)
+    plain = json.dumps(["ScienceQA", "GQA"])  # JSON without secrets comes back byte for byte
+    assert redact_params({"order": plain}) == {"order": plain}
+
+
+def test_credentials_in_uris_queries_headers_and_nested_values_are_masked():
+    from coin_ray.redact import redact, redact_text
+
+    assert redact_text("postgresql://user:pw@db/mlflow") == "postgresql://***@db/mlflow"
+    assert redact_text("https://user:p@ss@host/v1") == "https://***@host/v1"  # a raw "@" in the password
+    assert redact_text("https://ghp_abc@github.com/x.git") == "https://***@github.com/x.git"
+    assert redact_text("GET https://h/v1?token=abc&x=1 failed") == "GET https://h/v1?token=***&x=1 failed"
+    assert redact_text("https://h/v1?x=1&api_key=zz") == "https://h/v1?x=1&api_key=***"
+    assert redact_text("header Authorization: Bearer sk-123456") == "header Authorization: Bearer ***"
+    for unchanged in ("sqlite:////tmp/a/mlflow.db", "http://127.0.0.1:5000", "mail me@example.com",
+                      "https://h/v1?x=1&tokenizer=fast", "Basic setup done"):
+        assert redact_text(unchanged) == unchanged
+    options = {"base_url": "https://user:pw@host/v1", "model": "m", "auth": ["u", "p"],
+               "headers": {"Authorization": "Bearer sk-1", "X-Title": "coin"}, "timeout_s": 5}
+    assert redact({"eval": {"judge_options": options}}) == {"eval": {"judge_options": {
+        "base_url": "https://***@host/v1", "model": "m", "auth": "***",
+        "headers": {"Authorization": "***", "X-Title": "***"}, "timeout_s": 5}}}
+    assert options["base_url"] == "https://user:pw@host/v1"  # a copy: the real value is still used to connect
+
+
+def test_no_credential_reaches_mlflow_params_tags_or_artifacts(store, client, tmp_path):
+    import pandas as pd
+
+    from tracking import log_sweep_artifacts, open_sweep_run
+
+    secret = "pw-SECRET-42"
+    options = json.dumps({"model": "judge-7b", "base_url": f"https://user:{secret}@judge.example/v1?token={secret}",
+                          "headers": {"Authorization": f"Bearer {secret}"}})
+    sweep_id = open_sweep_run(store, "redact", "sweep-r",
+                              params={"tracking.tracking_uri": f"postgresql://user:{secret}@db/mlflow",
+                                      "eval.judge_options": options, "auth": secret},
+                              tags={"note": f"see https://u:{secret}@host/x"})
+    tracker = tracker_for(store, "redact", "r-s0", parent=sweep_id)
+    tracker.on_run_start(run_info("r-s0", extra={"eval.judge_options": options}))
+    tracker.on_zero_shot(dict(zip(ORDER, ZERO_SHOT)), None)
+    tracker.on_run_failed(RuntimeError(f"judge at https://user:{secret}@judge.example/v1 refused"))
+    log_sweep_artifacts(store, sweep_id, trials=pd.DataFrame(
+        [{"trial": "r-s0", "judge": f"https://user:{secret}@judge.example/v1", "mfn": 0.5}]))
+    for run_id in (sweep_id, tracker.run_id):
+        run = client.get_run(run_id)
+        assert secret not in json.dumps({**run.data.params, **run.data.tags})
+    sweep = client.get_run(sweep_id).data
+    assert sweep.params["tracking.tracking_uri"] == "postgresql://***@db/mlflow" and sweep.params["auth"] == "***"
+    trial = client.get_run(tracker.run_id).data
+    assert json.loads(trial.params["eval.judge_options"]) == {
+        "model": "judge-7b", "base_url": "https://***@judge.example/v1?token=***", "headers": {"Authorization": "***"}}
+    assert trial.tags["coin_ray.error"] == "RuntimeError: judge at https://***@judge.example/v1 refused"
+    trials_csv = Path(client.download_artifacts(sweep_id, "trials.csv", str(tmp_path))).read_text()
+    assert "https://***@judge.example/v1" in trials_csv and secret not in trials_csv
+
+
+def test_printed_uris_and_log_lines_are_masked(store, caplog):
+    import logging
+
+    from tracking import TrackingUnavailableError, check_tracking_uri, experiment_runs_url, open_sweep_run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(TrackingUnavailableError) as info:
+        check_tracking_uri(f"http://user:pw-SECRET@127.0.0.1:{port}", timeout_s=2)
+    assert "pw-SECRET" not in str(info.value) and f"http://***@127.0.0.1:{port}" in str(info.value)
+    open_sweep_run(store, "redact-print", "s")
+    command, _ = experiment_runs_url(store, "redact-print")  # nothing to mask: printed as given
+    assert command == f"mlflow ui --backend-store-uri {store}"
+    with caplog.at_level(logging.WARNING, logger="tracking"):
+        logging.getLogger("tracking").warning("MLflow call to %s failed", "https://u:pw-SECRET@host/api")
+    assert "pw-SECRET" not in caplog.text and "https://***@host/api" in caplog.text
 
 
 def test_matrix_payload_schema_csv_and_errors():
@@ -163,8 +238,8 @@ def test_trial_run_logs_the_name_contract(store, client, tmp_path):
     assert (p["method"], p["num_experts"], p["rank"], p["alpha"], p["lr"], p["seed"]) == (
         "moelora", "4", "16", "32.0", "0.0005", "0")
     assert (p["benchmark"], p["data_hash"]) == ("synthetic", "abc123")
-    assert "judge.api_key" not in p and "sk-SECRET" not in json.dumps(p)
-    assert client.get_run(sweep_id).data.params == {"design": "all"}
+    assert p["judge.api_key"] == "***" and "sk-SECRET" not in json.dumps(p)
+    assert client.get_run(sweep_id).data.params == {"design": "all", "llm.api_key": "***"}
 
     for j, task in enumerate(ORDER):
         assert history(client, tracker.run_id, f"acc/{task}") == [(i, MATRIX[i][j]) for i in range(3)]

@@ -1,5 +1,6 @@
 """Run-level MLflow plumbing shared by the trial tracker and the sweep run: retries, finding or reopening a run
-by its deterministic name, idempotent params, batched writes, and the secret filter for params.
+by its deterministic name, idempotent params, batched writes. Params and tags are masked by
+coin_ray.redact on their way out (the same rules as every other exit of the process).
 
 Everything takes an `MlflowClient` and explicit run ids: no global active-run state, so threads and processes
 can log to different runs at once.
@@ -9,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
+
+from coin_ray.redact import redact, redact_params
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -35,9 +37,6 @@ PERMANENT_ERROR_CODES = frozenset({
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_PARAM_VALUE_LENGTH = 6000
-
-_SECRET_WORDS = ("token", "password", "passwd", "secret", "key", "credential")
-
 
 def is_transient(error: BaseException) -> bool:
     """True when the same call may succeed later (server down, timeout, locked database)."""
@@ -65,48 +64,6 @@ def call_with_retry(fn: Callable[[], T], what: str, attempts: int = 6, base_dela
             time.sleep(delay)
             delay = min(delay * 2, max_delay_s)
     raise AssertionError("unreachable")
-
-
-def is_secret_key(key: str) -> bool:
-    """True for config keys that name a credential: a word of the key (split at `.`, `_`, `-`, `/` and
-    camelCase) that is, or ends with, token / password / passwd / secret / key / credential, singular or
-    plural. Dropped: `api_key`, `judge_options.apiKey`, `hf_token`, `keys`, `max_new_tokens`; kept:
-    `num_experts`, `tokenizer`, `keyframe`. Words ending in "key" (`monkey`) are dropped too: losing a
-    param beats leaking a secret."""
-    for word in re.split(r"[._\-\s/]+|(?<=[a-z0-9])(?=[A-Z])", key):
-        word = word.lower()
-        word = word[:-1] if word.endswith("s") else word
-        if word.endswith(_SECRET_WORDS):
-            return True
-    return False
-
-
-def drop_secrets(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Params without credentials: secret-named keys are dropped, and so are secret-named entries inside
-    values that are JSON objects (e.g. `eval.judge_options` = '{"api_key": ..., "model": ...}')."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if is_secret_key(key):
-            continue
-        if isinstance(value, Mapping):
-            value = json.dumps(_scrub(value), sort_keys=True, default=str)
-        elif isinstance(value, str) and value.startswith("{"):
-            try:
-                decoded = json.loads(value)
-            except ValueError:
-                decoded = None
-            if isinstance(decoded, dict):
-                value = json.dumps(_scrub(decoded), sort_keys=True, default=str)
-        out[key] = value
-    return out
-
-
-def _scrub(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _scrub(v) for k, v in value.items() if not is_secret_key(str(k))}
-    if isinstance(value, (list, tuple)):
-        return [_scrub(v) for v in value]
-    return value
 
 
 def param_value(value: Any) -> str:
@@ -142,12 +99,13 @@ def log_params_idempotent(client: "MlflowClient", run: "Run", params: Mapping[st
 
     MLflow params are immutable: a param that the run already holds with another value is kept, and the
     new value goes to a tag `coin_ray.param_conflict.<key>` with a warning, so the clash is visible without
-    failing the run. Returns the conflicts {key: new value}."""
+    failing the run. Credentials in values are masked first (coin_ray.redact). Returns the conflicts
+    {key: new value}."""
     from mlflow.entities import Param, RunTag
 
     existing = dict(run.data.params)
     new, conflicts = [], {}
-    for key, value in params.items():
+    for key, value in redact_params(params).items():
         text = param_value(value)
         if key not in existing:
             new.append(Param(key, text))
@@ -194,17 +152,18 @@ def find_runs(client: "MlflowClient", experiment_id: str, name: str, parent_run_
 def open_named_run(client: "MlflowClient", experiment_id: str, name: str, *, parent_run_id: str | None,
                    role: str, tags: Mapping[str, str] | None = None) -> tuple["Run", bool]:
     """Find the run by (experiment, parent, role, name) or create it; a FINISHED / FAILED / KILLED run is set
-    back to RUNNING. Returns (run, reopened).
+    back to RUNNING. Tag values are masked (coin_ray.redact). Returns (run, reopened).
 
     Two processes that open the same name at the same moment may both create one; each then re-reads the
     runs of that name and keeps the oldest (ties by id), deleting its own if it lost, so both end on one run.
     """
+    tags = {k: str(v) for k, v in redact(dict(tags or {})).items()}
     runs = find_runs(client, experiment_id, name, parent_run_id, role)
     reopened = bool(runs)
     if runs:
         run = runs[0]
     else:
-        all_tags = {ROLE_TAG: role, **(tags or {})}
+        all_tags = {ROLE_TAG: role, **tags}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         created = client.create_run(experiment_id, tags=all_tags, run_name=name)

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from tracking._runs import (call_with_retry, drop_secrets, finite_metrics, log_params_idempotent,
-                            open_named_run)
+from coin_ray.redact import redact_text
+from tracking._runs import call_with_retry, finite_metrics, log_params_idempotent, open_named_run
 from tracking._uri import get_or_create_experiment, resolve_tracking_uri
 
 if TYPE_CHECKING:
@@ -26,7 +26,8 @@ def open_sweep_run(tracking_uri: str, experiment: str, sweep_name: str, params: 
     """The run id of the sweep's parent run (run name = sweep name), created or reopened (RUNNING).
 
     Params that the run already holds with the same value are skipped; a changed value is kept as a tag
-    `coin_ray.param_conflict.<key>` (MLflow params are immutable). Secret-named params are dropped."""
+    `coin_ray.param_conflict.<key>` (MLflow params are immutable). Credentials in params and tags are masked
+    (coin_ray.redact): secret-named keys keep their name with the value ***."""
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -37,7 +38,7 @@ def open_sweep_run(tracking_uri: str, experiment: str, sweep_name: str, params: 
                                                     role="sweep", tags=all_tags), "open sweep run")
     if params:
         call_with_retry(lambda: log_params_idempotent(client, client.get_run(run.info.run_id),
-                                                      drop_secrets(params)), "log sweep params")
+                                                      params), "log sweep params")
     return run.info.run_id
 
 
@@ -53,7 +54,8 @@ def log_sweep_artifacts(tracking_uri: str, run_id: str, trials: "pd.DataFrame | 
     - `metrics` -> run metrics (e.g. stages_trained, stages_reused, order_variance_share), non-finite skipped;
     - `figures` {name: Figure} -> `analysis/<name>.png`; `tables` {name: DataFrame} -> `analysis/<name>.csv`;
       `texts` {file name: text} -> `analysis/<file name>` (e.g. "summary.md").
-    tracking/report.py prints the `analysis/*.csv` tables of a sweep run.
+    tracking/report.py prints the `analysis/*.csv` tables of a sweep run. Text files (CSV, text) pass through
+    `redact_text` (a URI in a table cell loses its credentials).
     """
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -76,7 +78,7 @@ def log_sweep_artifacts(tracking_uri: str, run_id: str, trials: "pd.DataFrame | 
         def add(relative: str, data: bytes | str) -> None:
             path = root / relative
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data.encode() if isinstance(data, str) else data)
+            path.write_bytes(redact_text(data).encode() if isinstance(data, str) else data)
             files.append((path, str(Path(relative).parent) if "/" in relative else None))
 
         if trials is not None:

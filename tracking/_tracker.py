@@ -6,7 +6,7 @@ Names are a contract (README, "MLflow names"): params `task_order`, `method`, `n
 (step = global optimizer step), `zero_shot/<Task>`, `gk_zero_shot/<Task>`; final `mft`, `mfn`, `maa`, `bwt`,
 `forgetting`, `fwt`, `gk_*`, `stages_reused`; artifacts `eval_matrix.{json,csv,png}`,
 `knowledge_matrix.{json,csv,png}`, `matrices.png`, `predictions/stage_<k>_<Task>.jsonl`, `adapter/`; tag
-`reused_stages`.
+`reused_stages`. Every param, tag and text artifact is masked by coin_ray.redact before it is queued.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from coin_ray.evaluation.metrics import mean_seen
 from coin_ray.training.hooks import RunInfo, RunResult, StageReport
 from tracking._outbox import Outbox, Write
-from tracking._runs import (call_with_retry, drop_secrets, finite_metrics, log_params_idempotent,
-                            open_named_run)
+from coin_ray.redact import redact, redact_params, redact_text
+from tracking._runs import call_with_retry, finite_metrics, log_params_idempotent, open_named_run
 from tracking._uri import get_or_create_experiment, resolve_tracking_uri
 from tracking.matrices import matrix_csv, matrix_payload
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tracking")
 
 # contract param name -> flattened-config key it comes from
+TEXT_ARTIFACTS = (".json", ".jsonl", ".csv", ".txt", ".md", ".yaml")  # masked like params (PNGs are not text)
 CONTRACT_PARAMS = {"method": "tuner.method", "num_experts": "tuner.num_experts", "rank": "tuner.rank",
                    "alpha": "tuner.alpha", "lr": "train.lr", "seed": "train.seed"}
 
@@ -41,8 +42,9 @@ def default_spool_dir() -> Path:
 
 
 def trial_params(info: RunInfo) -> dict[str, Any]:
-    """The params of a trial run: the contract names first, then the flattened config without secrets."""
-    config = drop_secrets(info.params)
+    """The params of a trial run: the contract names first, then the flattened config, credentials masked
+    (coin_ray.redact: a secret-named key keeps its name with the value ***)."""
+    config = redact_params(info.params)
     params: dict[str, Any] = {"task_order": ">".join(info.order), "benchmark": info.benchmark,
                               "data_hash": info.data_hash}
     for name, key in CONTRACT_PARAMS.items():
@@ -208,9 +210,11 @@ class MlflowTracker:
             self._put(Write("batch", metrics=fresh[start:start + 1000]))
 
     def _tags(self, tags: Mapping[str, str]) -> None:
-        self._put(Write("batch", tags={k: str(v) for k, v in tags.items()}))
+        self._put(Write("batch", tags={k: str(v) for k, v in redact(dict(tags)).items()}))
 
     def _artifact(self, path: str, data: bytes) -> None:
+        if path.endswith(TEXT_ARTIFACTS):
+            data = redact_text(data.decode("utf-8", errors="replace")).encode()
         self._put(Write("artifact", path=path, data=data))
 
     def _matrix(self, rows: list[dict[str, float | None]]) -> list[list[float | None]]:
@@ -255,7 +259,7 @@ def mark_run_failed(tracking_uri: str, experiment: str, run_name: str, parent_ru
     run = runs[0]
     if run.info.status == "RUNNING":
         if error is not None:
-            call_with_retry(lambda: client.set_tag(run.info.run_id, "coin_ray.error",
-                                                   f"{type(error).__name__}: {error}"[:5000]), "set tag")
+            message = redact_text(f"{type(error).__name__}: {error}")[:5000]
+            call_with_retry(lambda: client.set_tag(run.info.run_id, "coin_ray.error", message), "set tag")
         call_with_retry(lambda: client.set_terminated(run.info.run_id, status=status), f"mark {status.lower()}")
     return run.info.run_id

@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coin_ray.redact import redact_text
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -60,9 +62,10 @@ def check_tracking_uri(uri: str | None = None, timeout_s: float = 5) -> str:
     - http(s): GET <uri>/health must answer 200 within `timeout_s`.
     - sqlite: the database folder must exist (it is created) and be writable; the schema is created once
       here, so trials starting together do not race to migrate a fresh database.
-    Raises TrackingUnavailableError with the way out.
+    Raises TrackingUnavailableError with the way out; the URI in its message is masked (coin_ray.redact).
     """
     resolved = resolve_tracking_uri(uri)
+    shown = redact_text(resolved)
     if resolved.startswith(("http://", "https://")):
         import requests
 
@@ -74,7 +77,7 @@ def check_tracking_uri(uri: str | None = None, timeout_s: float = 5) -> str:
             ok, detail = False, type(error).__name__
         if not ok:
             raise TrackingUnavailableError(
-                f"MLflow tracking server at {resolved} did not answer ({detail} from {health} within {timeout_s:g} s): "
+                f"MLflow tracking server at {shown} did not answer ({detail} from {redact_text(health)} within {timeout_s:g} s): "
                 f"start it with `mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000` "
                 f"or pass --tracking-uri sqlite:///mlflow.db to log to a local file")
         return resolved
@@ -85,11 +88,11 @@ def check_tracking_uri(uri: str | None = None, timeout_s: float = 5) -> str:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise TrackingUnavailableError(
-                f"cannot create the folder {folder} of the MLflow database {resolved} ({error}): "
+                f"cannot create the folder {folder} of the MLflow database {shown} ({error}): "
                 f"pass --tracking-uri sqlite:///<writable folder>/mlflow.db") from error
         if not os.access(folder, os.W_OK):
             raise TrackingUnavailableError(
-                f"the folder {folder} of the MLflow database {resolved} is not writable: "
+                f"the folder {folder} of the MLflow database {shown} is not writable: "
                 f"pass --tracking-uri sqlite:///<writable folder>/mlflow.db")
         from mlflow import MlflowClient
 
@@ -97,7 +100,7 @@ def check_tracking_uri(uri: str | None = None, timeout_s: float = 5) -> str:
             MlflowClient(resolved).search_experiments(max_results=1)  # creates / migrates the schema once
         except Exception as error:  # a corrupt or foreign file: say which
             raise TrackingUnavailableError(
-                f"cannot open the MLflow database {resolved}: {error}; move the file away or pass another "
+                f"cannot open the MLflow database {shown}: {redact_text(str(error))}; move the file away or pass another "
                 f"--tracking-uri") from error
     return resolved
 
@@ -136,15 +139,17 @@ def experiment_runs_url(tracking_uri: str | None, experiment: str) -> tuple[str 
 
     MLflow 3's UI otherwise opens on its GenAI overview, where nothing of this platform shows. For a
     tracking server the command is None (it is already running) and the link points at the server.
-    Raises ValueError when the experiment does not exist.
+    Both are for printing, so credentials in the URI are masked (coin_ray.redact). Raises ValueError when the
+    experiment does not exist.
     """
     from mlflow import MlflowClient
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
     found = MlflowClient(resolve_tracking_uri(uri)).get_experiment_by_name(experiment)
     if found is None:
-        raise ValueError(f"experiment {experiment!r} does not exist in {uri}: run a sweep first or check "
+        raise ValueError(f"experiment {experiment!r} does not exist in {redact_text(uri)}: run a sweep first or check "
                          f"--experiment / --tracking-uri")
+    shown = redact_text(uri)
     if uri.startswith(("http://", "https://")):
-        return None, f"{uri.rstrip('/')}/#/experiments/{found.experiment_id}/runs"
-    return f"mlflow ui --backend-store-uri {uri}", f"{UI_ADDRESS}/#/experiments/{found.experiment_id}/runs"
+        return None, f"{shown.rstrip('/')}/#/experiments/{found.experiment_id}/runs"
+    return f"mlflow ui --backend-store-uri {shown}", f"{UI_ADDRESS}/#/experiments/{found.experiment_id}/runs"

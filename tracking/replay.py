@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from coin_ray.redact import redact_text
+
 from tracking._outbox import replay_spool
 from tracking._tracker import default_spool_dir
 
@@ -17,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", required=True, help="the MLflow tracking URI the runs live in")
     args = parser.parse_args(argv)
     sent = replay_spool(args.spool_dir, args.tracking_uri)
-    print(f"sent {sent} spooled write(s) to {args.tracking_uri}")
+    print(f"sent {sent} spooled write(s) to {redact_text(args.tracking_uri)}")
     return 0
 
 

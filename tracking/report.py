@@ -180,6 +180,7 @@ def build_report(tracking_uri: str, experiment: str, sweep: str | None = None, s
 
 
 def main(argv: list[str] | None = None) -> int:
+    from coin_ray.redact import redact_text
     from tracking._uri import DEFAULT_TRACKING_URI
 
     parser = argparse.ArgumentParser(description="Compare a sweep's trials logged to MLflow.")
@@ -190,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="folder for trials.csv, summary.png and per-trial matrix heatmaps")
     args = parser.parse_args(argv)
     try:
-        print(build_report(args.tracking_uri, args.experiment, args.sweep, args.sort_by, args.out))
+        print(redact_text(build_report(args.tracking_uri, args.experiment, args.sweep, args.sort_by, args.out)))
     except ReportError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact_text(str(error))}", file=sys.stderr)
         return 2
     return 0
 

@@ -179,7 +179,9 @@ def default_concurrency(cfg: ExperimentConfig, requested: int | None, prepared: 
 
 
 def fail(message: str) -> "NoReturn":  # noqa: F821
-    print(f"error: {message}", file=sys.stderr)
+    from coin_ray.redact import redact_text
+
+    print(f"error: {redact_text(message)}", file=sys.stderr)
     raise SystemExit(2)
 
 

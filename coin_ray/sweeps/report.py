@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from coin_ray.config import ExperimentConfig
+from coin_ray.redact import redact_text
 from coin_ray.sweeps import cli
 from coin_ray.sweeps.analysis import analyse_orders, format_analysis
 from coin_ray.sweeps.runner import SweepOutcome, SweepSpec, trials_table
@@ -84,7 +85,7 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
         close_sweep_run(cfg.tracking.tracking_uri, outcome.sweep_run_id,
                         status="FINISHED" if len(finished) == len(outcome.trials) else "FAILED")
         ui_cmd, url = experiment_runs_url(cfg.tracking.tracking_uri, cfg.tracking.experiment)
-        print(f"\nResults are in MLflow ({cfg.tracking.tracking_uri}), experiment {cfg.tracking.experiment!r}, "
+        print(f"\nResults are in MLflow ({redact_text(cfg.tracking.tracking_uri)}), experiment {cfg.tracking.experiment!r}, "
               f"sweep run {spec.name!r}.")
         if ui_cmd:
             print(f"Look at them with:\n  {ui_cmd}")

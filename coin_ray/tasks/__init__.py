@@ -11,7 +11,7 @@ the docstring of the rule it touches (coin_ray/tasks/_scoring.py).
 """
 from ._registry import (ALPHABETICAL_ORDER, TASK_NAMES, InvalidOrderError, UnknownTaskError,
                         get_task, validate_order)
-from ._scoring import (IOU_THRESHOLD, Box, box_iou, extract_option_letter, format_box, parse_box,
+from ._scoring import (IOU_THRESHOLD, Box, box_iou, box_problem, extract_option_letter, format_box, parse_box,
                        vqa_normalize, vqa_soft_accuracy)
 from ._task import INSTRUCTION_STYLES, InstructionStyleUnavailableError, Reference, Task
 
@@ -28,6 +28,7 @@ __all__ = [
     "UnknownTaskError",
     "box_iou",
     "extract_option_letter",
+    "box_problem",
     "format_box",
     "get_task",
     "parse_box",

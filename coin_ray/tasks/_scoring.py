@@ -227,6 +227,19 @@ def parse_box(text: str, size: Sequence[float] | None = None) -> Box | None:
     return (values[0], values[1], values[2], values[3])
 
 
+def box_problem(text: str) -> str | None:
+    """None when `text` is a box a Grounding answer may be - "[x1, y1, x2, y2]" (`parse_box`), coordinates in
+    [0, 1] (normalised to the padded square), x1 <= x2 and y1 <= y2 - else what is wrong with it."""
+    box = parse_box(text) if isinstance(text, str) else None
+    if box is None:
+        return "expected '[x1, y1, x2, y2]' of four numbers"
+    if not all(0.0 <= value <= 1.0 for value in box):
+        return "coordinates must lie in [0, 1] (normalised to the image padded to a square)"
+    if box[0] > box[2] or box[1] > box[3]:
+        return "x1 <= x2 and y1 <= y2 are needed (left, top, right, bottom)"
+    return None
+
+
 def format_box(coords: Sequence[float]) -> str:
     """A box as CoIN's Grounding answers write it: "[x1, y1, x2, y2]" with two decimals (`parse_box` reads it)."""
     return "[" + ", ".join(f"{float(c):.2f}" for c in coords) + "]"

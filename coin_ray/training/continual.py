@@ -43,9 +43,10 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
     if cfg.model.prompt != "vicuna_v1":  # the prompt is baked into the preprocessed tokens
         model_kwargs["prompt"] = cfg.model.prompt
     out = Path(d.processed) if d.processed else storage / "data" / _short_hash(
-        [str(instructions), str(images), sorted(tasks), cfg.model.source, model_kwargs, d.max_length])
+        [str(instructions), str(images), sorted(tasks), cfg.model.source, model_kwargs, d.max_length,
+         d.max_image_pixels])
     manifest = preprocess(str(instructions), str(images), list(tasks), str(out), model_source=cfg.model.source,
-                          model_kwargs=model_kwargs, max_length=d.max_length)
+                          model_kwargs=model_kwargs, max_length=d.max_length, max_image_pixels=d.max_image_pixels)
     splits: dict[str, dict[str, str]] = {}
     rows: dict[str, dict[str, int]] = {}
     for task in tasks:

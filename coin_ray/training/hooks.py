@@ -15,7 +15,8 @@ class RunInfo:
 
     name: str  # deterministic trial/run name, e.g. "order-ScienceQA>TextVQA>ImageNet-seed0"
     order: tuple[str, ...]  # task names in training order
-    params: dict[str, Any]  # flattened experiment config (dotted keys), already free of secrets
+    params: dict[str, Any]  # flattened experiment config (dotted keys), real values: consumers that send
+    # them out of the process mask them (coin_ray.redact.redact_params, as tracking._tracker.trial_params does)
     benchmark: str  # "synthetic" or "coin"
     data_hash: str  # content hash from the pipeline manifest
 

@@ -17,7 +17,13 @@ run at the same time and need the same prefix do not both train it: the first ta
 a claim whose owner died is taken over. Should two writers still race (a stale claim taken over while its
 owner was only slow), both produce identical results (fixed seeds) and the loser's rename fails and its copy
 is discarded. Every read verifies the checksums in meta.json; a corrupt entry is
-moved aside (``<root>/.corrupt-<key>-<uuid>``) and treated as a miss.
+moved aside (``<root>/.corrupt-<key>-<uuid>``) and treated as a miss. A key folder without meta.json (left by a
+crash) is moved aside by the next `put` of that key, so the key is reused, never poisoned. A read that fails
+with a transient OSError (NFS hiccup) is retried a few times before it counts.
+
+Upkeep (`prune`, `scan`; CLI: coin_ray/training/store_cli.py): entries are deleted by renaming them to
+``<root>/.deleting-<key>-<uuid>`` first, so an interrupted prune never leaves a half-deleted key folder; an entry
+with a live claim or touched within the grace period is never deleted.
 """
 from __future__ import annotations
 
@@ -31,9 +37,87 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 STORE_VERSION = 1
+READ_ATTEMPTS = 4  # tries of a read that fails with a transient OSError
+READ_RETRY_S = (0.05, 0.2, 0.5)  # sleeps between them
+DEFAULT_GRACE_S = 600.0  # prune keeps entries created or given an evaluation cell this recently
+LEFTOVER_PREFIXES = (".tmp-", ".corrupt-", ".stale-claim-", ".deleting-", ".torn-")
+LEFTOVER_AGE_S = 3600.0  # leftovers younger than this may still be in use (a put in progress)
+T = TypeVar("T")
+
+
+def _transient(error: OSError) -> bool:
+    """An OSError that a retry may cure (EIO, ESTALE, EAGAIN...), unlike a missing file or a refused access."""
+    return not isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
+
+
+def retry_read(read: Callable[[], T], attempts: int = READ_ATTEMPTS) -> T:
+    """`read()`, retried with short sleeps while it fails with a transient OSError; the last error propagates."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except OSError as error:
+            if attempt == attempts - 1 or not _transient(error):
+                raise
+            time.sleep(READ_RETRY_S[min(attempt, len(READ_RETRY_S) - 1)])
+    raise AssertionError("unreachable")
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """The meta.json of the entry folder `path`: None when there is none; ValueError when it is not a JSON
+    object (corrupt); a transient OSError is retried (see `retry_read`)."""
+    try:
+        text = retry_read((path / "meta.json").read_text)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    meta = json.loads(text)
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta.json holds a {type(meta).__name__}, not an object")
+    return meta
+
+
+def meta_state(path: Path) -> tuple[str, dict[str, Any] | None, str | None]:
+    """(state, meta, problem) of an entry folder: "ok" with its meta; "missing" (no meta.json: a crashed write
+    or delete), "corrupt" (not a JSON object) or "unreadable" (an OSError that retrying did not cure), each
+    with a one-line problem."""
+    try:
+        meta = read_meta(path)
+    except ValueError as e:
+        return "corrupt", None, f"meta.json is not valid ({e})"
+    except OSError as e:
+        return "unreadable", None, f"meta.json cannot be read ({type(e).__name__}: {e})"
+    if meta is None:
+        return "missing", None, "no meta.json (an interrupted write or prune)"
+    return "ok", meta, None
+
+
+@dataclass(frozen=True)
+class StoreItem:
+    """One folder of the store as `StageStore.scan` sees it. `problem` is None for a usable entry."""
+
+    key: str
+    meta: dict[str, Any] | None
+    size: int  # bytes
+    created: float  # meta's creation time (the folder's mtime when meta is unusable)
+    active: float  # newest of: created, the folder's and its eval folder's mtimes (a new eval cell)
+    problem: str | None = None
+    state: str = "ok"  # see meta_state
+
+    @property
+    def prefix(self) -> str:
+        material = (self.meta or {}).get("material") or {}
+        return ">".join(material.get("prefix", [])) if isinstance(material, dict) else ""
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """One entry that `prune` deleted (or, in a dry run, would delete) and why."""
+
+    key: str
+    size: int
+    reason: str
 
 
 def stage_key(material: dict[str, Any]) -> str:
@@ -80,22 +164,47 @@ class StageStore:
     def get(self, key: str) -> StageEntry | None:
         """The finished stage for `key`, verified, or None (a corrupt entry is moved aside)."""
         path = self.root / key
-        if not (path / "meta.json").is_file():
-            return None
         try:
-            meta = json.loads((path / "meta.json").read_text())
+            meta = read_meta(path)
+            if meta is None:
+                return None
             for rel, digest in meta["files"].items():
-                if _sha256(path / rel) != digest:
+                if retry_read(lambda: _sha256(path / rel)) != digest:
                     raise ValueError(f"checksum mismatch for {rel}")
-        except (OSError, ValueError, KeyError) as e:
-            aside = self.root / f".corrupt-{key}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.replace(path, aside)
-            except OSError:
-                pass
-            print(f"[coin-ray] stage store: entry {key} failed verification ({e}); moved to {aside.name}, retraining")
-            return None
+        except OSError as e:
+            if _transient(e):  # still failing after the retries: an I/O problem, not a corrupt entry
+                raise OSError(e.errno, f"stage store: cannot read entry {key} under {self.root} ({e}); "
+                                       "check the file system and rerun") from e
+            return self._move_aside(key, e)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return self._move_aside(key, e)
         return StageEntry(key, path)
+
+    def _move_aside(self, key: str, error: BaseException) -> None:
+        aside = self.root / f".corrupt-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(self.root / key, aside)
+        except OSError:
+            pass
+        print(f"[coin-ray] stage store: entry {key} failed verification ({error}); moved to {aside.name}, "
+              "retraining")
+        return None
+
+    def _clear_torn(self, key: str) -> bool:
+        """Move a key folder without meta.json (a crashed write or delete) out of the way, then delete it.
+        True when one was cleared. A complete entry (meta.json present) is never touched."""
+        path = self.root / key
+        if not path.is_dir() or meta_state(path)[0] != "missing":
+            return False
+        torn = self.root / f".torn-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(path, torn)
+        except OSError:  # another writer cleared or replaced it first
+            return False
+        print(f"[coin-ray] stage store: key folder {key} had no meta.json (an interrupted write or prune); "
+              "removed it, the key is written again", flush=True)
+        shutil.rmtree(torn, ignore_errors=True)
+        return True
 
     def put(self, key: str, material: dict[str, Any], write_checkpoint: Callable[[Path], None]) -> StageEntry:
         """Write a stage: `write_checkpoint(dir)` fills the checkpoint folder; then checksum and rename."""
@@ -113,8 +222,17 @@ class StageStore:
             try:
                 os.rename(tmp, self.root / key)
             except OSError:
-                # Another writer finished the same stage first: keep theirs (identical by construction).
-                shutil.rmtree(tmp, ignore_errors=True)
+                # A torn key folder is cleared and the rename tried once more; otherwise another writer
+                # finished the same stage first: keep theirs (identical by construction).
+                renamed = False
+                if self._clear_torn(key):
+                    try:
+                        os.rename(tmp, self.root / key)
+                        renamed = True
+                    except OSError:
+                        pass
+                if not renamed:
+                    shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -181,46 +299,97 @@ class StageStore:
         _write_json_atomic(entry_path / "eval" / f"{task}.json", cell)
 
     # ---- housekeeping -------------------------------------------------------------------------------
-    def entries(self) -> Iterator[tuple[str, dict[str, Any], int]]:
-        """(key, meta, size in bytes) of every finished entry, oldest first."""
-        rows = []
+    def scan(self) -> list[StoreItem]:
+        """Every key folder, oldest first: usable entries and broken ones (with `problem` set), never raising
+        for one bad folder. Dot-folders (temporary, claims, leftovers) are not entries."""
+        items = []
         for path in self.root.iterdir():
-            if path.name.startswith(".") or not (path / "meta.json").is_file():
+            if path.name.startswith("."):
                 continue
-            meta = json.loads((path / "meta.json").read_text())
-            size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-            rows.append((meta.get("created", 0.0), path.name, meta, size))
-        for _, key, meta, size in sorted(rows, key=lambda r: r[0]):
-            yield key, meta, size
+            try:
+                if not path.is_dir():
+                    continue
+                state, meta, problem = meta_state(path)
+                size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+                mtimes = [path.stat().st_mtime] + ([(path / "eval").stat().st_mtime] if (path / "eval").is_dir() else [])
+            except FileNotFoundError:  # deleted or moved aside while we looked
+                continue
+            except OSError as e:
+                state, meta, problem, size, mtimes = "unreadable", None, f"cannot be read ({e})", 0, [0.0]
+            created = meta.get("created") if meta else None
+            if not isinstance(created, (int, float)):
+                created = mtimes[0]
+                if state == "ok":
+                    state, problem = "corrupt", "meta.json has no creation time"
+            items.append(StoreItem(path.name, meta, size, float(created), max([float(created)] + mtimes),
+                                   problem, state))
+        return sorted(items, key=lambda i: (i.created, i.key))
 
-    def prune(self, *, older_than_s: float | None = None, max_bytes: int | None = None) -> list[str]:
-        """Delete entries older than `older_than_s`, then the oldest until the store fits `max_bytes`.
-        Leftover temporary and corrupt folders are removed too. Returns the deleted keys."""
-        removed: list[str] = []
-        for path in self.root.iterdir():
-            if path.name.startswith((".tmp-", ".corrupt-", ".stale-claim-")) and time.time() - path.stat().st_mtime > 3600:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-        entries = list(self.entries())
+    def entries(self) -> Iterator[tuple[str, dict[str, Any], int]]:
+        """(key, meta, size in bytes) of every usable entry, oldest first (broken ones: see `scan`)."""
+        for item in self.scan():
+            if item.problem is None:
+                yield item.key, item.meta, item.size
+
+    def claimed(self, key: str, stale_s: float = 120.0) -> bool:
+        """True while a live claim (see `claim`) holds `key`."""
+        path = self.root / f".claim-{key}"
+        return path.exists() and not _claim_is_stale(path, stale_s)
+
+    def delete(self, key: str) -> bool:
+        """Delete one entry: renamed to a dot-folder first (atomic), so a crash midway leaves no torn key folder
+        and readers see it whole or gone. True when this call removed it."""
+        gone = self.root / f".deleting-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(self.root / key, gone)
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(gone, ignore_errors=True)
+        return True
+
+    def prune(self, *, older_than_s: float | None = None, max_bytes: int | None = None,
+              grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> list[Pruned]:
+        """Delete broken entries (no meta.json, corrupt meta.json), then entries created more than
+        `older_than_s` ago, then the oldest until the store fits `max_bytes`. Never deleted: an entry a live
+        claim holds, one created or given an evaluation cell within `grace_s`, one whose meta.json cannot be read
+        right now (reported by `scan` instead). Leftover dot-folders older than an hour go too. With
+        `dry_run`, nothing is deleted: the list says what would be. Returns the deleted entries, in order."""
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
         now = time.time()
-        keep = []
-        for key, meta, size in entries:
-            if older_than_s is not None and now - meta.get("created", now) > older_than_s:
-                shutil.rmtree(self.root / key, ignore_errors=True)
-                removed.append(key)
+        if not dry_run:
+            for path in self.root.iterdir():
+                try:
+                    old = path.name.startswith(LEFTOVER_PREFIXES) and now - path.stat().st_mtime > LEFTOVER_AGE_S
+                except FileNotFoundError:
+                    continue
+                if old and path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                elif old:
+                    path.unlink(missing_ok=True)
+        pruned: list[Pruned] = []
+        kept: list[StoreItem] = []
+        for item in self.scan():
+            protected = item.state == "unreadable" or now - item.active < grace_s or self.claimed(item.key)
+            if protected:
+                kept.append(item)
+            elif item.problem is not None:
+                pruned.append(Pruned(item.key, item.size, f"broken: {item.problem}"))
+            elif older_than_s is not None and now - item.created > older_than_s:
+                pruned.append(Pruned(item.key, item.size, f"older than {older_than_s / 86400:g} days"))
             else:
-                keep.append((key, size))
+                kept.append(item)
         if max_bytes is not None:
-            total = sum(size for _, size in keep)
-            for key, size in keep:
+            total = sum(item.size for item in kept)
+            for item in list(kept):
                 if total <= max_bytes:
                     break
-                shutil.rmtree(self.root / key, ignore_errors=True)
-                removed.append(key)
-                total -= size
-        return removed
+                if item.problem is None and now - item.active >= grace_s and not self.claimed(item.key):
+                    pruned.append(Pruned(item.key, item.size, f"store above {max_bytes / 1e9:g} GB"))
+                    total -= item.size
+        if not dry_run:
+            pruned = [p for p in pruned if self.delete(p.key)]
+        return pruned
 
 
 def _claim_is_stale(path: Path, stale_s: float) -> bool:
