@@ -8,6 +8,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coin_ray.errors import UserError
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
@@ -24,7 +26,7 @@ __all__ = [
 ]
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(UserError, RuntimeError):
     """The tracking store cannot be used (server down, database folder not writable); raised before training."""
 
 
