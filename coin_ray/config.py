@@ -521,7 +521,8 @@ def _type_problems(obj: Any, prefix: str) -> list[str]:
     return _coerce_all(type(obj), values, prefix)[1]
 
 
-def _section_fields(key: str) -> tuple[type, str] | None:
+def _field_owner(key: str) -> tuple[type, str] | None:
+    """(dataclass, field name) of a dotted or top-level key; None for a key no field has."""
     section, dot, sub = key.partition(".")
     if dot and section in _SECTIONS and sub in {f.name for f in fields(_SECTIONS[section])}:
         return _SECTIONS[section], sub
@@ -589,7 +590,7 @@ def parse_override(key: str, text: str) -> Any:
     `[q_proj, v_proj]`, `{model: x}`); `coerce_field` then checks it against the field's type."""
     import yaml
 
-    target = _section_fields(key)
+    target = _field_owner(key)
     if target is not None:
         optional, inner = _optional(_hints(target[0])[target[1]])
         if inner is str:
