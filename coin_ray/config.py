@@ -2,14 +2,28 @@
 
 `ExperimentConfig.from_dict` accepts nested sections (``{"tuner": {"rank": 16}}``) or dotted keys
 (``{"tuner.rank": 16}``), validates every field, and raises one `ConfigError` listing every problem.
-`flatten()` gives the dotted view that MLflow params and stage-store keys are built from.
+Every value is coerced to and checked against its field's declared type (`coerce_field`): a str that parses
+as a number is a number (YAML reads ``1e-3`` as a string), an int is a float, booleans are true/false only,
+None only where the field is Optional. `load_yaml_file` and `parse_override` read YAML files and
+``--set KEY=VALUE`` text with the same rules. `flatten()` gives the dotted view that MLflow params and
+stage-store keys are built from.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import functools
 import json
+import math
+import numbers
+import os
+import re
+import types
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
+
+from coin_ray.errors import UserError
 
 __all__ = [
     "ConfigError",
@@ -21,6 +35,10 @@ __all__ = [
     "ScalingConfig",
     "TrackingConfig",
     "ExperimentConfig",
+    "TRACKING_SCHEMES",
+    "coerce_field",
+    "load_yaml_file",
+    "parse_override",
 ]
 
 BENCHMARKS = ("synthetic", "coin")
@@ -32,12 +50,19 @@ JUDGES = ("none", "embedding", "llm")  # = coin_ray.evaluation.judges.JUDGE_KIND
 # not imported so that reading a config never imports the HTTP stack)
 
 
-class ConfigError(ValueError):
-    """Invalid configuration; `problems` lists every problem found, one line each."""
+# MLflow stores a tracking URI may name (SQLAlchemy dialects may carry a driver: postgresql+psycopg2://)
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc")
+
+
+class ConfigError(UserError):
+    """Invalid configuration; `problems` lists every problem found, one line each (one problem: one line)."""
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
+        if len(self.problems) == 1:
+            super().__init__(f"invalid configuration: {self.problems[0]}")
+        else:
+            super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
 
 
 def precision_problems(model_dtype: str, precision: str) -> list[str]:
@@ -244,7 +269,21 @@ class TrackingConfig:
     experiment: str = "coin-ray"
 
     def problems(self) -> list[str]:
-        return [] if self.experiment else ["tracking.experiment must not be empty"]
+        p = [] if self.experiment else ["tracking.experiment must not be empty"]
+        uri_problem = _tracking_uri_problem(self.tracking_uri)
+        return p + ([uri_problem] if uri_problem else [])
+
+
+def _tracking_uri_problem(uri: str) -> str | None:
+    """Refuse, before anything starts, a tracking URI that no MLflow 3.17 store accepts."""
+    scheme = uri.partition(":")[0].partition("+")[0].lower() if ":" in uri else ""
+    if uri.lower() in ("databricks", "databricks-uc") or scheme in TRACKING_SCHEMES:
+        return None
+    fix = "pass --tracking-uri sqlite:///mlflow.db (a local database) or http://HOST:5000 (an MLflow server)"
+    if scheme in ("", "file") or len(scheme) == 1:  # a bare path (C:\ too) or file: URI
+        return (f"tracking.tracking_uri {uri!r} is a file store, which MLflow 3.17 refuses (filesystem backend "
+                f"in maintenance mode): {fix}")
+    return f"tracking.tracking_uri {uri!r}: unknown scheme {scheme!r} (valid: {', '.join(TRACKING_SCHEMES)}): {fix}"
 
 
 _SECTIONS = {
@@ -276,49 +315,77 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        for section in _SECTIONS:
-            problems += getattr(self, section).problems()
-        problems += precision_problems(self.model.dtype, self.train.precision)
-        problems += _order_problems(self.order)
-        _check(problems, bool(self.name) and "/" not in self.name,
-               f"name must be a non-empty string without '/', got {self.name!r}")
+        for section, section_cls in _SECTIONS.items():
+            value = getattr(self, section)
+            if not isinstance(value, section_cls):
+                problems.append(f"{section} must be a {section_cls.__name__}, got {value!r}")
+                continue
+            # a section with a value of the wrong type is not checked further (its comparisons would fail)
+            problems += _type_problems(value, f"{section}.") or value.problems()
+        if not problems:
+            problems += precision_problems(self.model.dtype, self.train.precision)
+        top_problems = _type_problems(self, "")
+        problems += top_problems
+        if not any(p.startswith("order:") for p in top_problems):
+            from coin_ray.tasks import InvalidOrderError, validate_order
+
+            try:  # canonical spelling ("gqa" -> "GQA"): the one order check, shared with the sweep scripts
+                object.__setattr__(self, "order", validate_order(self.order))
+            except InvalidOrderError as e:
+                problems += [f"order: {p}" for p in e.problems]
+        if isinstance(self.name, str):
+            _check(problems, bool(self.name) and "/" not in self.name,
+                   f"name must be a non-empty string without '/', got {self.name!r}")
+        if isinstance(self.storage_path, str):
+            _check(problems, "://" not in self.storage_path,
+                   f"storage_path must be a local or mounted shared folder, got {self.storage_path!r}: the stage "
+                   f"store and runs/ are written as local files (mount the bucket, e.g. with s3fs or gcsfuse, "
+                   f"and pass the mount point)")
         if problems:
             raise ConfigError(problems)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ExperimentConfig":
-        """Build from nested sections and/or dotted keys; every unknown key or bad value is reported."""
-        nested: dict[str, Any] = {}
-        for key, value in raw.items():
-            if "." in key:
-                section, _, sub = key.partition(".")
-                nested.setdefault(section, {})
-                if not isinstance(nested[section], dict):
-                    nested[section] = dict(nested[section])
-                nested[section][sub] = value
-            elif key in _SECTIONS and isinstance(value, Mapping):
-                nested.setdefault(key, {}).update(value)
-            else:
-                nested[key] = value
+        """Build from nested sections and/or dotted keys; every unknown key or bad value is reported.
+        Values are coerced to their field's type (`coerce_field`); later keys win."""
         problems: list[str] = []
-        kwargs: dict[str, Any] = {}
-        top_fields = {f.name for f in fields(cls)}
-        for key, value in nested.items():
-            if key in _SECTIONS:
-                section_cls = _SECTIONS[key]
-                valid = {f.name for f in fields(section_cls)}
-                unknown = sorted(set(value) - valid)
-                for u in unknown:
-                    problems.append(f"unknown key {key}.{u}; valid keys: {', '.join(sorted(valid))}")
-                args = {k: _coerce(section_cls, k, v) for k, v in value.items() if k in valid}
-                try:
-                    kwargs[key] = section_cls(**args)
-                except TypeError as e:  # pragma: no cover - defensive
-                    problems.append(f"{key}: {e}")
+        if not isinstance(raw, Mapping):
+            raise ConfigError([f"a config is a mapping of keys to values, got {type(raw).__name__} {raw!r}"])
+        sections: dict[str, dict[Any, Any]] = {name: {} for name in _SECTIONS}
+        top: dict[str, Any] = {}
+        top_fields = {f.name for f in fields(cls)} - set(_SECTIONS)
+        for key, value in raw.items():
+            if not isinstance(key, str):
+                problems.append(f"config keys must be strings, got {key!r}")
+                continue
+            name, dot, sub = key.partition(".")
+            if name in _SECTIONS:
+                if dot:
+                    sections[name][sub] = value
+                elif isinstance(value, Mapping):
+                    sections[name].update(value)
+                elif value is not None:  # None: a YAML section with nothing under it
+                    example = fields(_SECTIONS[name])[0].name
+                    problems.append(f"{name} must be a mapping of its fields (e.g. {name}: {{{example}: ...}}), "
+                                    f"got {value!r}")
             elif key in top_fields:
-                kwargs[key] = tuple(value.split(">") if isinstance(value, str) else value) if key == "order" else value
+                top[key] = value
             else:
-                problems.append(f"unknown key {key!r}; valid: {', '.join(sorted(top_fields))}")
+                problems.append(f"unknown key {key!r}; valid: {', '.join(sorted(top_fields))} and the sections "
+                                f"{', '.join(_SECTIONS)} (as section.field)")
+        kwargs: dict[str, Any] = {}
+        for name, values in sections.items():
+            section_cls = _SECTIONS[name]
+            valid = {f.name for f in fields(section_cls)}
+            for u in sorted((str(k) for k in values if k not in valid)):
+                problems.append(f"unknown key {name}.{u}; valid keys: {', '.join(sorted(valid))}")
+            args, type_problems = _coerce_all(section_cls, {k: v for k, v in values.items() if k in valid}, f"{name}.")
+            problems += type_problems
+            if not type_problems:  # a section with a mistyped value keeps its defaults for the value checks
+                kwargs[name] = section_cls(**args)
+        args, type_problems = _coerce_all(cls, top, "")
+        problems += type_problems
+        kwargs.update(args)
         if problems:
             # also report value problems of what could be built
             try:
@@ -362,25 +429,201 @@ class ExperimentConfig:
         return ExperimentConfig.from_dict(merged)
 
 
-def _coerce(section_cls: type, key: str, value: Any) -> Any:
-    """YAML/CLI values into the field's type where it is unambiguous (lists -> tuples)."""
-    if key == "target_modules" and isinstance(value, list):
-        return tuple(value)
-    if key == "judge_options" and value is None:
-        return {}
+class _Mismatch(Exception):
+    """A value that does not fit a field's type (`coerce_field` turns it into a message)."""
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _optional(hint: Any) -> tuple[bool, Any]:
+    """(True, X) for `X | None`, else (False, hint)."""
+    if get_origin(hint) in (Union, types.UnionType):
+        args = get_args(hint)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(args) == 2:
+            return True, rest[0]
+    return False, hint
+
+
+def _is_mapping(hint: Any) -> bool:
+    return get_origin(hint) in (collections.abc.Mapping, dict) or hint in (dict, Mapping)
+
+
+def _describe(hint: Any) -> str:
+    optional, inner = _optional(hint)
+    if get_origin(inner) is tuple:
+        text = "a list of strings"
+    elif _is_mapping(inner):
+        text = "a mapping of keys to values"
+    else:
+        text = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+            inner, getattr(inner, "__name__", str(inner)))
+    return f"{text} or null" if optional else text
+
+
+def _to_number(value: Any) -> Any:
+    """A str that parses as a number becomes one (YAML 1.1 reads `1e-3` as a string); others pass through."""
+    if isinstance(value, str):
+        text = value.strip()
+        for parse in (int, float):
+            try:
+                return parse(text)
+            except ValueError:
+                pass
     return value
 
 
-def _order_problems(order: tuple[str, ...]) -> list[str]:
-    from coin_ray.tasks import TASK_NAMES  # local: tasks imports nothing heavy
+def _coerce(hint: Any, value: Any) -> Any:
+    optional, inner = _optional(hint)
+    if value is None:
+        if optional:
+            return None
+        if _is_mapping(inner):
+            return {}  # a YAML key with nothing under it
+        raise _Mismatch
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise _Mismatch
+    if inner in (int, float):
+        number = _to_number(value)
+        if isinstance(number, bool) or not isinstance(number, numbers.Real) or not math.isfinite(number):
+            raise _Mismatch
+        if inner is float:
+            return float(number)
+        if isinstance(number, numbers.Integral):
+            return int(number)
+        if float(number).is_integer():  # 1e3 or 32.0 for an int field; 2.5 is refused
+            return int(number)
+        raise _Mismatch
+    if inner is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        raise _Mismatch
+    if get_origin(inner) is tuple:  # tuple[str, ...]: a list, or one string of comma-separated names
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+            raise _Mismatch
+        return tuple(x.strip() for x in items if x.strip())
+    if _is_mapping(inner):
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise _Mismatch
+        return dict(value)
+    if isinstance(inner, type) and isinstance(value, inner):
+        return value
+    raise _Mismatch
 
-    p: list[str] = []
-    if len(order) < 1:
-        p.append("order must name at least one task")
-    unknown = [t for t in order if t not in TASK_NAMES]
-    if unknown:
-        p.append(f"order names unknown task(s) {unknown}; valid: {', '.join(TASK_NAMES)}")
-    dupes = sorted({t for t in order if order.count(t) > 1})
-    if dupes:
-        p.append(f"order names task(s) {dupes} more than once; each task is one stage")
-    return p
+
+def coerce_field(cls: type, name: str, value: Any, prefix: str = "") -> Any:
+    """`value` as field `name` of dataclass `cls` declares it; ConfigError naming field, value and type."""
+    try:
+        return _coerce(_hints(cls)[name], value)
+    except _Mismatch:
+        raise ConfigError([f"{prefix}{name}: expected {_describe(_hints(cls)[name])}, got {value!r}"]) from None
+
+
+def _coerce_all(cls: type, values: Mapping[str, Any], prefix: str) -> tuple[dict[str, Any], list[str]]:
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, value in values.items():
+        if name == "order" and cls is ExperimentConfig and isinstance(value, str):
+            value = value.split(">")  # the written form of an order: "ScienceQA>TextVQA>ImageNet"
+        try:
+            out[name] = coerce_field(cls, name, value, prefix)
+        except ConfigError as e:
+            problems += e.problems
+    return out, problems
+
+
+def _type_problems(obj: Any, prefix: str) -> list[str]:
+    """The fields of a built dataclass whose values do not fit their declared types (sections skipped)."""
+    values = {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in _SECTIONS}
+    return _coerce_all(type(obj), values, prefix)[1]
+
+
+def _field_owner(key: str) -> tuple[type, str] | None:
+    """(dataclass, field name) of a dotted or top-level key; None for a key no field has."""
+    section, dot, sub = key.partition(".")
+    if dot and section in _SECTIONS and sub in {f.name for f in fields(_SECTIONS[section])}:
+        return _SECTIONS[section], sub
+    if not dot and key in {f.name for f in fields(ExperimentConfig)} - set(_SECTIONS):
+        return ExperimentConfig, key
+    return None
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    """PyYAML's SafeLoader with YAML 1.2 scalars: only true/false are booleans (`yes`, `on`, `no` stay
+    strings, so `experiment: on` is the name it looks like) and `1e-3` is a float."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
+
+
+def _load_yaml(text: str) -> Any:
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
+def load_yaml_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML experiment config as a dict; ConfigError naming the file and line of a syntax error, or saying
+    that the top level is not a mapping."""
+    import yaml
+
+    path = Path(path)
+    try:
+        loaded = _load_yaml(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        context = ""
+        if e.context and e.context_mark and e.problem_mark:  # e.g. where an unclosed [ began
+            context = f" ({e.context} at line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        raise ConfigError([f"{where}: YAML syntax error: {e.problem or e.context}{context}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML ({e})"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{path}: cannot be read ({e})"]) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections and keys (e.g. `tuner: {{rank: 16}}`), "
+                           f"got {type(loaded).__name__} {loaded!r:.60}"])
+    return loaded
+
+
+def parse_override(key: str, text: str) -> Any:
+    """The value of `--set KEY=TEXT`: the raw text for a string field (so `--set tracking.experiment=on` or
+    `=007` is that name; `null` for an Optional one is None), YAML 1.2 scalars otherwise (`1e-3`, `true`,
+    `[q_proj, v_proj]`, `{model: x}`); `coerce_field` then checks it against the field's type."""
+    import yaml
+
+    target = _field_owner(key)
+    if target is not None:
+        optional, inner = _optional(_hints(target[0])[target[1]])
+        if inner is str:
+            return None if optional and text.strip() in ("null", "~", "") else text
+    try:
+        return _load_yaml(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"--set {key}={text}: the value is not valid YAML ({problem}); quote it or fix it"]) from None

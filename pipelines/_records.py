@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from coin_ray.errors import UserError
+
 # Kinds of bad records; `reason` carries the human explanation, `kind` is for machines and tests.
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
@@ -45,7 +47,7 @@ IMAGE_TOKEN = "<image>"
 TEST_FILE_NAMES = ("test.json", "val.json")  # CoIN names the evaluation file either way
 
 
-class PipelineInputError(ValueError):
+class PipelineInputError(UserError):
     """An input that stops the whole run (a missing task folder, a file that is not valid JSON)."""
 
 

@@ -31,16 +31,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--multi-objective", action="store_true", help="maximise MFN and minimise forgetting (NSGA-II)")
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="stage-level early stopping")
     p.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="Optuna sampler")
-    p.add_argument("--metric", default="mfn", help="metric the report sorts by")
+    p.add_argument("--metric", default="mfn", help=f"metric the report sorts by: {', '.join(cli.METRICS)}")
     cli.add_common_args(p)
     return p.parse_args(argv)
 
 
-def _choices(text: str, cast) -> list:
-    return [cast(x) for x in text.split(",") if x.strip()]
-
-
 def main(argv=None) -> None:
+    from coin_ray.config import METHODS
+
+    args = parse_args(argv)
+    # every check of the user's input comes before Ray is imported or started
+    cfg = cli.build_base_config(args, default_experiment="coin-ray-hparams")
+    if args.seeds > 1:
+        raise cli.UsageError("--seeds is for task_order.py; for hparams.py repeat the sweep with --set train.seed=N")
+    cli.check_count("--num-samples", args.num_samples)
+    cli.check_metric(args.metric, cfg)
+    num_samples = args.num_samples or (4 if args.smoke_test else 12)
+    experts, ranks = cli.parse_list("--experts", args.experts), cli.parse_list("--ranks", args.ranks)
+    alphas = cli.parse_list("--alphas", args.alphas, float, minimum=None) if args.alphas else None
+    if alphas and min(alphas) <= 0:
+        raise cli.UsageError(f"--alphas must be > 0, got {args.alphas}")
+    lr = cli.parse_list("--lr", args.lr, float, minimum=None) if args.lr else None
+    if lr and not (len(lr) == 2 and 0 < lr[0] < lr[1]):
+        raise cli.UsageError(f"--lr takes a range LOW,HIGH with 0 < LOW < HIGH, got {args.lr!r} (e.g. --lr 1e-4,1e-2)")
+    methods = cli.parse_list("--methods", args.methods, str, minimum=None)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise cli.UsageError(f"--methods: unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+
     import ray.tune as tune
     from optuna.samplers import NSGAIISampler, RandomSampler, TPESampler
     from ray.tune.schedulers import ASHAScheduler
@@ -49,25 +67,17 @@ def main(argv=None) -> None:
     from coin_ray.sweeps.report import finish_sweep, preflight, prepare
     from coin_ray.sweeps.runner import SweepSpec, run_sweep
 
-    args = parse_args(argv)
-    cfg = cli.build_base_config(args, default_experiment="coin-ray-hparams")
-    num_samples = args.num_samples or (4 if args.smoke_test else 12)
-    space: dict = {"hp.tuner.num_experts": tune.choice(_choices(args.experts, int)),
-                   "hp.tuner.rank": tune.choice(_choices(args.ranks, int))}
-    if args.alphas:
-        space["hp.tuner.alpha"] = tune.choice(_choices(args.alphas, float))
-    if args.lr:
-        low, high = _choices(args.lr, float)
-        space["hp.train.lr"] = tune.loguniform(low, high)
-    methods = _choices(args.methods, str)
+    space: dict = {"hp.tuner.num_experts": tune.choice(experts), "hp.tuner.rank": tune.choice(ranks)}
+    if alphas:
+        space["hp.tuner.alpha"] = tune.choice(alphas)
+    if lr:
+        space["hp.train.lr"] = tune.loguniform(*lr)
     if len(methods) > 1:
         space["hp.tuner.method"] = tune.choice(methods)
     elif methods != [cfg.tuner.method]:
         cfg = cfg.replace(**{"tuner.method": methods[0]})
     if args.search_order:
         space.update({f"key.{t}": tune.uniform(0.0, 1.0) for t in cfg.order})
-    if args.seeds > 1:
-        raise cli.UsageError("--seeds is for task_order.py; for hparams.py repeat the sweep with --set train.seed=N")
 
     if args.multi_objective:
         metric, mode = ["avg_seen_acc", "forgetting"], ["max", "min"]

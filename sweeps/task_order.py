@@ -23,46 +23,64 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--design", nargs="+", default=None, metavar="DESIGN [N]",
                    help="order design: all | latin | williams | random N | optuna N | given "
                         "(default: latin; --smoke-test: all)")
-    p.add_argument("--orders", help="orders for --design given: 'A>B>C;B>A>C' or a file with one order per line")
-    p.add_argument("--metric", default="mfn", help="metric the analysis (and --design optuna) compares: mfn, bwt, ...")
+    p.add_argument("--orders", help="orders for --design given: 'A>B>C;B>A>C' or a file with one order per line "
+                                    "(without --tasks, the tasks are those of the orders)")
+    p.add_argument("--metric", default="mfn", help=f"metric the analysis compares: {', '.join(cli.METRICS)}")
     p.add_argument("--optuna-goal", choices=("worst", "best"), default="worst",
                    help="--design optuna searches for the worst (most forgetting) or the best order")
     cli.add_common_args(p)
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def plan(args: argparse.Namespace):
+    """The sweep's base config, design, count and orders (None for optuna) from the flags: every check of the
+    user's input, before Ray is imported or started."""
     from coin_ray.sweeps import designs
-    from coin_ray.sweeps.report import finish_sweep, preflight, prepare
-    from coin_ray.sweeps.runner import SweepSpec, run_sweep
 
-    args = parse_args(argv)
     cfg = cli.build_base_config(args, default_experiment="coin-ray-task-order")
     design = args.design or (["all"] if args.smoke_test else ["latin"])
-    kind, count = design[0], (int(design[1]) if len(design) > 1 else None)
+    kind, count = designs.parse_design(design)
+    cli.check_metric(args.metric, cfg)
+    if kind == "optuna" and args.seeds > 1:
+        raise cli.UsageError("--design optuna runs each order it samples once (seed 0); --seeds is for the fixed "
+                             "designs (latin, williams, all, random N, given)")
+    if args.orders and kind != "given":
+        raise cli.UsageError(f"--orders lists the orders of --design given (the design here is {kind}): "
+                             f"add --design given or leave --orders out")
+    tasks = list(cfg.order)
+    orders = None
+    if kind != "optuna":
+        listed = cli.read_orders(args.orders) if args.orders else []
+        # --design given without --tasks: the tasks are those of the orders
+        orders = designs.build_design(kind, tasks if kind != "given" or args.tasks else None, n=count, seed=0,
+                                      orders=listed)
+        cfg = cfg.replace(order=list(orders[0]) if kind == "given" else tasks)
+    return cfg, design, kind, count, orders
+
+
+def main(argv=None) -> None:
+    from coin_ray.sweeps import designs
+
+    args = parse_args(argv)
+    cfg, design, kind, count, orders = plan(args)
     tasks = list(cfg.order)
     seeds = list(range(args.seeds))
 
     import ray.tune as tune
 
+    from coin_ray.sweeps.report import finish_sweep, preflight, prepare
+    from coin_ray.sweeps.runner import SweepSpec, run_sweep
+
     if kind == "optuna":
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
-        if count is None:
-            raise cli.UsageError("--design optuna needs a trial count: --design optuna 20")
-        orders = None
         space = {f"key.{t}": tune.uniform(0.0, 1.0) for t in tasks}
         mode = "min" if args.optuna_goal == "worst" else "max"
         # the search ranks orders by avg_seen_acc after the last stage, which equals MFN
         search = OptunaSearch(metric="avg_seen_acc", mode=mode, sampler=TPESampler(seed=0))
         spec_kwargs = dict(param_space={**space, "seed": 0}, num_samples=count, search_alg=search)
     else:
-        order_file = Path(args.orders) if args.orders and Path(args.orders).is_file() else None
-        listed = (order_file.read_text().split() if order_file else args.orders.split(";")) if args.orders else []
-        orders = designs.build_design(kind, tasks, n=count, seed=0, orders=listed)
-        tasks = list(orders[0]) if kind == "given" else tasks
-        cfg = cfg.replace(order=sorted(tasks, key=tasks.index))
         spec_kwargs = dict(param_space={"seed": tune.grid_search(seeds)})
     name = args.name or cli.default_sweep_name("task_order", kind, count, tasks, args)
     preflight(cfg, args)

@@ -22,6 +22,7 @@ from transformers import (
     ProcessorMixin,
 )
 
+from coin_ray.errors import UserError
 from coin_ray.models._tokenizer import build_tokenizer
 
 __all__ = ["ModelSourceError", "SUPPORTED_FAMILIES", "build_processor", "build_tiny_vlm", "build_vlm",
@@ -33,7 +34,7 @@ SUPPORTED_FAMILIES = {"llava": "LlavaForConditionalGeneration"}
 PROMPT_ATTR = "coin_prompt"  # on a processor: "vicuna_v1" or "checkpoint" (see coin_ray.models._chat)
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError):
     """model.source is not a usable checkpoint folder of a supported image-text family."""
 
 _DTYPES = {"auto": "auto", "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coin_ray.errors import UserError
+
 GIB = 1024**3
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 CONTEXT_GIB = 1.5
@@ -33,7 +35,7 @@ __all__ = ["MemoryEstimate", "MemoryPreflightError", "estimate_memory", "estimat
            "check_memory"]
 
 
-class MemoryPreflightError(ValueError):
+class MemoryPreflightError(UserError):
     """The estimated per-GPU memory exceeds what the GPU has."""
 
 

@@ -10,10 +10,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from coin_ray.config import ConfigError, ExperimentConfig
+from coin_ray.config import ExperimentConfig, load_yaml_file, parse_override
+from coin_ray.errors import UserError
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """Bad command-line input, reported as one line before anything starts."""
 
 
@@ -64,28 +65,94 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    import yaml
+# the final metrics of a trial (coin_ray.evaluation.cl_metrics; a test keeps them equal) and the same of the
+# knowledge matrix (gk_*); the analysis and the trials table compare trials by one of them
+CL_METRICS = ("mfn", "mft", "maa", "bwt", "forgetting", "fwt")
+METRICS = CL_METRICS + tuple(f"gk_{m}" for m in CL_METRICS)
 
+
+def check_count(flag: str, value: float | None, minimum: int = 1) -> None:
+    """A count flag (None: not given) must be >= minimum."""
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}, got {value:g}")
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """The counts of `add_common_args`, before anything is read or started."""
+    check_count("--seeds", args.seeds)
+    check_count("--num-cpus", args.num_cpus)
+    check_count("--max-concurrent-trials", args.max_concurrent_trials)
+    check_count("--workers-per-trial", args.workers_per_trial, 0)
+    check_count("--gpus-per-worker", args.gpus_per_worker, 0)
+
+
+def parse_list(flag: str, text: str, cast: type = int, minimum: float | None = 1) -> list:
+    """A comma-separated flag value (`--experts 1,2,4`) as values of `cast`, each >= minimum."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    kind = {int: "whole numbers", float: "numbers"}.get(cast, "names")
+    try:
+        values = [cast(x) for x in items]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated {kind}, got {text!r} (e.g. {flag} 1,2,4)") from None
+    if not values:
+        raise UsageError(f"{flag} needs at least one value, got {text!r}")
+    for value in values if minimum is not None else ():
+        check_count(flag, value, minimum)
+    return values
+
+
+def check_metric(metric: str, cfg: ExperimentConfig) -> None:
+    """`--metric` must be a metric every finished trial has."""
+    if metric not in METRICS:
+        raise UsageError(f"--metric {metric!r} is not a metric: use one of {', '.join(METRICS)}")
+    if metric.removeprefix("gk_") == "fwt" and not cfg.eval.zero_shot:
+        raise UsageError(f"--metric {metric} needs the zero-shot row: add --set eval.zero_shot=true")
+    if metric.startswith("gk_") and cfg.eval.judge == "none":
+        raise UsageError(f"--metric {metric} compares the knowledge matrix, which needs a judge: "
+                         f"add --set eval.judge=embedding (or llm)")
+
+
+def read_orders(value: str) -> list[str]:
+    """`--orders`: a file with one order per line (blank lines and # comments skipped) when the value is a
+    path to one, else orders separated by ';'. A value that looks like a path but is not a file is an error."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--orders {value}: cannot be read ({e})") from None
+        entries = [part for line in lines if not line.lstrip().startswith("#") for part in line.split(";")]
+    elif "/" in value or os.sep in value or value.endswith(".txt"):
+        raise UsageError(f"--orders {value}: no such file (a file of orders has one order per line, "
+                         f"e.g. ScienceQA>TextVQA; or pass the orders themselves: 'ScienceQA>TextVQA;TextVQA>ScienceQA')")
+    else:
+        entries = value.split(";")
+    orders = [e.strip() for e in entries if e.strip()]
+    if not orders:
+        raise UsageError(f"--orders {value}: no orders in it: list them as 'ScienceQA>TextVQA;TextVQA>ScienceQA'")
+    return orders
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs; each value is typed by its field (coin_ray.config.parse_override)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
-        if not eq:
+        if not eq or not key.strip():
             raise UsageError(f"--set takes KEY=VALUE, got {pair!r} (e.g. --set tuner.rank=32)")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = parse_override(key.strip(), value)
     return out
 
 
 def build_base_config(args: argparse.Namespace, *, default_experiment: str) -> ExperimentConfig:
     """Preset < YAML < flags. Every problem is reported together (ConfigError)."""
-    import yaml
-
+    check_common_args(args)
     raw: dict[str, Any] = {}
     if args.config:  # a config replaces the embedded presets (their budgets are for the tiny model)
         path = Path(args.config)
         if not path.is_file():
             raise UsageError(f"--config {path}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_yaml_file(path)
         for section, value in loaded.items():
             if isinstance(value, dict):
                 raw.update({f"{section}.{k}": v for k, v in value.items()})
@@ -112,8 +179,8 @@ def build_base_config(args: argparse.Namespace, *, default_experiment: str) -> E
     if args.storage_path:
         raw["storage_path"] = args.storage_path
     raw.setdefault("storage_path", "runs")
-    if "://" not in str(raw["storage_path"]):
-        # absolute: Tune runs each trial in its own working directory
+    if isinstance(raw["storage_path"], str) and "://" not in raw["storage_path"]:
+        # absolute: Tune runs each trial in its own working directory (a scheme:// URI is refused by the config)
         raw["storage_path"] = str(Path(raw["storage_path"]).expanduser().resolve())
     if args.no_cache:
         raw["use_stage_cache"] = False
@@ -123,14 +190,17 @@ def build_base_config(args: argparse.Namespace, *, default_experiment: str) -> E
         raw["tracking.experiment"] = args.experiment
     raw.setdefault("tracking.experiment", default_experiment)
     raw.update(parse_overrides(args.set))
-    if len(raw["order"]) < 2:
-        raise UsageError(f"--tasks needs at least 2 tasks for an order study, got {raw['order']}")
-    return ExperimentConfig.from_dict(raw)
+    cfg = ExperimentConfig.from_dict(raw)
+    if len(cfg.order) < 2:
+        raise UsageError(f"--tasks needs at least 2 tasks for an order study, got {list(cfg.order)}")
+    return cfg
 
 
 def check_storage(path: str) -> None:
-    if "://" in path:
-        return  # cloud URIs are checked by Ray when it writes
+    """The storage path must be a folder this process can write (created when missing)."""
+    if "://" in path:  # never made into a local folder named "s3:"
+        raise UsageError(f"--storage-path {path}: storage_path must be a local or mounted shared folder "
+                         f"(mount the bucket and pass the mount point)")
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -170,7 +240,7 @@ def default_concurrency(cfg: ExperimentConfig, requested: int | None, prepared: 
 
     from coin_ray.training.continual import ingest_needs_cpu
 
-    if requested:
+    if requested is not None:
         return requested
     cpus = ray.cluster_resources().get("CPU", 1)
     per_trial = max(cfg.scaling.num_workers, 1) * cfg.scaling.cpus_per_worker
@@ -186,21 +256,12 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
 
 
 def run_main(main) -> None:
-    """Run a script's main(); user errors become one clear line and exit code 2."""
-    from coin_ray.sweeps.designs import DesignError
-    from coin_ray.training import RunSetupError
-
+    """Run a script's main(); user errors (every `UserError`: flags, config, task orders, designs, data, an
+    unreachable tracking server) become one clear line and exit code 2; anything else keeps its traceback."""
     try:
         main()
-    except ConfigError as e:
+    except (UserError, FileNotFoundError) as e:
         fail(str(e))
-    except (UsageError, DesignError, RunSetupError, FileNotFoundError) as e:
-        fail(str(e))
-    except Exception as e:  # tracking server down etc.: keep the message, lose the traceback noise
-        if type(e).__name__ in ("TrackingUnavailableError", "UnknownTaskError", "PipelineInputError",
-                                  "ModelSourceError", "MemoryPreflightError"):
-            fail(str(e))
-        raise
 
 
 def default_sweep_name(script: str, design: str, count: int | None, tasks: list[str], args: argparse.Namespace) -> str:

@@ -17,11 +17,13 @@ import math
 import random
 from typing import Sequence
 
+from coin_ray.errors import UserError
+
 DESIGNS = ("all", "latin", "williams", "random", "optuna", "given")
 MAX_ALL_ORDERS = 120
 
 
-class DesignError(ValueError):
+class DesignError(UserError):
     """A design that cannot be built from the given tasks or options."""
 
 
@@ -85,7 +87,7 @@ def given_orders(tasks: Sequence[str] | None, orders: Sequence[Sequence[str] | s
     """Orders listed as "A>B>C" strings or sequences; all must be permutations of the same task set."""
     from coin_ray.tasks import validate_order
 
-    parsed = [validate_order(o.split(">") if isinstance(o, str) else o) for o in orders]
+    parsed = [validate_order([t.strip() for t in o.split(">")] if isinstance(o, str) else o) for o in orders]
     if not parsed:
         raise DesignError("--design given needs at least one order: --orders 'ScienceQA>TextVQA;TextVQA>ScienceQA'")
     base = set(tasks) if tasks else set(parsed[0])
@@ -103,6 +105,29 @@ def decode_random_keys(tasks: Sequence[str], keys: Sequence[float]) -> tuple[str
     if len(keys) != len(tasks):
         raise DesignError(f"need one key per task: {len(tasks)} tasks, {len(keys)} keys")
     return tuple(t for _, _, t in sorted(zip(keys, range(len(tasks)), tasks)))
+
+
+def parse_design(tokens: Sequence[str]) -> tuple[str, int | None]:
+    """`--design KIND [N]` as (kind, N): random and optuna need a count N >= 1, the other designs take none."""
+    if not tokens:
+        raise DesignError(f"--design needs a design: one of {', '.join(DESIGNS)}")
+    kind, rest = tokens[0], list(tokens[1:])
+    if kind not in DESIGNS:
+        raise DesignError(f"unknown design {kind!r}; valid designs: {', '.join(DESIGNS)}")
+    if kind not in ("random", "optuna"):
+        if rest:
+            raise DesignError(f"--design {kind} takes no count, got {' '.join(rest)!r}")
+        return kind, None
+    example = f"--design {kind} {6 if kind == 'random' else 20}"
+    if len(rest) != 1:
+        raise DesignError(f"--design {kind} needs one count N >= 1: {example}")
+    try:
+        count = int(rest[0])
+    except ValueError:
+        raise DesignError(f"--design {kind} N: N must be a whole number >= 1, got {rest[0]!r} ({example})") from None
+    if count < 1:
+        raise DesignError(f"--design {kind} N: N must be >= 1, got {count} ({example})")
+    return kind, count
 
 
 def build_design(design: str, tasks: Sequence[str], *, n: int | None = None, seed: int = 0,

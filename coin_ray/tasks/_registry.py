@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+from coin_ray.errors import UserError
+
 from ._scoring import (score_box, score_class_name, score_gqa, score_ocrvqa, score_option_letter,
                        score_vqa)
 from ._task import REF_PLACEHOLDER, Task
@@ -47,12 +49,17 @@ _BY_LOWER_NAME: dict[str, Task] = {task.name.lower(): task for task in _TASKS}
 assert tuple(_BY_NAME) == TASK_NAMES and sorted(ALPHABETICAL_ORDER) == sorted(TASK_NAMES)
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(UserError):
     """A task name that is not one of the eight CoIN tasks."""
 
 
-class InvalidOrderError(ValueError):
-    """A task order with unknown or repeated tasks (the message lists every problem)."""
+class InvalidOrderError(UserError):
+    """A task order with unknown or repeated tasks: the message lists every problem, `problems` holds them
+    one by one (`ExperimentConfig` reports them beside its other problems)."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        super().__init__(message)
+        self.problems = list(problems) or [message]
 
 
 def _lookup(name: str) -> Task | None:
@@ -72,7 +79,8 @@ def validate_order(names: Sequence[str]) -> tuple[str, ...]:
     """Check a task order and return it in canonical spelling.
 
     Every problem is reported in one `InvalidOrderError`: an empty order, unknown names, and tasks
-    named twice (compared after case folding, so "GQA" and "gqa" are a repeat).
+    named twice (compared after case folding, so "GQA" and "gqa" are a repeat). This is the one check of a
+    task order: the config, the designs and the sweep scripts all call it.
     """
     if isinstance(names, str):
         raise InvalidOrderError(f"a task order must be a list of task names, got the string {names!r}: "
@@ -83,12 +91,11 @@ def validate_order(names: Sequence[str]) -> tuple[str, ...]:
     problems = []
     unknown = [name for name in names if not isinstance(name, str) or _lookup(name) is None]
     if unknown:
-        problems.append(f"unknown task(s) {', '.join(repr(name) for name in unknown)} "
-                        f"(valid: {', '.join(TASK_NAMES)})")
+        problems.append(f"unknown task(s) {unknown!r} (valid: {', '.join(TASK_NAMES)}; case is ignored)")
     canonical = [task.name for name in names if isinstance(name, str) and (task := _lookup(name))]
     repeats = [name for name, count in Counter(canonical).items() if count > 1]
     if repeats:
         problems.append(f"task(s) named more than once: {', '.join(repeats)} (each task is trained once per order)")
     if problems:
-        raise InvalidOrderError(f"invalid task order {names!r}: " + "; ".join(problems))
+        raise InvalidOrderError(f"invalid task order {names!r}: " + "; ".join(problems), problems)
     return tuple(canonical)

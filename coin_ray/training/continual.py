@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from coin_ray.config import ExperimentConfig
+from coin_ray.errors import UserError
 from coin_ray.training.hooks import RunHooks, RunResult
 
-class RunSetupError(ValueError):
+class RunSetupError(UserError):
     """The run cannot start (bad data, unplaceable resources); raised before any training."""
 
 
