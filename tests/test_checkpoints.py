@@ -299,3 +299,58 @@ def test_non_finite_loss_stops_the_stage_and_saves_nothing(ray_cluster, checkpoi
     entries = [p for p in store.iterdir() if (p / "meta.json").is_file()] if store.is_dir() else []
     assert entries == []
     assert not (tmp_path / "runs" / "explodes" / "result.json").exists()
+
+
+# ---- the sweep script on a checkpoint folder -------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sweep_on_a_float16_folder_and_a_failing_trial_exits_non_zero(tmp_path):
+    """`python sweeps/task_order.py --config FILE.yaml` with model.source = a float16 folder and precision bf16
+    trains with finite losses and a complete matrix; a trial that hits a non-finite loss fails the sweep
+    (exit 1, its name and the guard's message printed), its MLflow run is FAILED with the reason, and the
+    stage store gains nothing."""
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow import MlflowClient
+
+    root = Path(__file__).resolve().parent.parent
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def sweep(folder: Path, experiment: str) -> subprocess.CompletedProcess:
+        config = {"model": {"source": str(folder)}, "train": {"precision": "bf16", "max_steps": 4, "batch_size": 8},
+                  "data": {"train_rows": 32, "test_rows": 8}, "eval": {"batch_size": 8},
+                  "tuner": {"rank": 8, "num_experts": 2}}
+        path = tmp_path / f"{experiment}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return subprocess.run(
+            [sys.executable, str(root / "sweeps" / "task_order.py"), "--config", str(path), "--design", "given",
+             "--orders", "ScienceQA>TextVQA", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri,
+             "--experiment", experiment], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+
+    good = sweep(save_tiny_checkpoint(tmp_path / "fp16", torch.float16), "fp16")
+    assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
+    results = list((tmp_path / "runs" / "runs").glob("*/result.json"))
+    assert len(results) == 1
+    result = json.loads(results[0].read_text())
+    assert len(result["matrix"]) == 2 and all(v is not None for row in result["matrix"] for v in row)
+    stages = json.loads((results[0].parent / "stages.json").read_text())
+    for s in stages:
+        losses = json.loads((Path(s["path"]) / "checkpoint" / "train_losses.json").read_text())
+        assert losses and all(math.isfinite(loss) for _, loss in losses)
+    assert _finite_adapters(tmp_path, stages)
+
+    store = tmp_path / "runs" / "stage_store"
+    entries_before = sorted(p.name for p in store.iterdir() if (p / "meta.json").is_file())
+    bad = sweep(save_tiny_checkpoint(tmp_path / "poisoned", torch.float16, poisoned=True), "poisoned")
+    assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
+    assert "1 of 1 trials failed" in bad.stderr
+    assert "ScienceQA>TextVQA-s0" in bad.stderr and "NonFiniteError: non-finite loss in trial" in bad.stderr
+    assert sorted(p.name for p in store.iterdir() if (p / "meta.json").is_file()) == entries_before
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("poisoned").experiment_id])
+    trial_runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(trial_runs) == 1 and trial_runs[0].info.status == "FAILED"
+    assert "non-finite loss" in trial_runs[0].data.tags.get("coin_ray.error", "")
+    assert not any(k in trial_runs[0].data.metrics for k in ("mft", "mfn", "bwt"))
