@@ -81,3 +81,27 @@ def test_ray_train_worker_recovers_from_a_crash_with_the_same_matrix(prepared, t
     assert marker.exists(), "the fail-once hook did not fire"
     assert crashed.matrix == plain.matrix
     assert 0 in crashed.stages_reused  # stage 0 came back from the run's own checkpoints after the restart
+
+
+@pytest.mark.integration
+def test_two_data_parallel_workers_with_grad_accum(prepared, tmp_path):
+    """2 Ray Train workers on CPU (gloo), grad_accum 2: finite losses, a complete matrix, and every test row
+    evaluated exactly once across the two ranks (disjoint shards merged)."""
+    from pathlib import Path
+
+    from coin_ray.training import run_continual
+    from coin_ray.training.store import StageStore
+
+    storage, data = prepared
+    cfg = _cfg(storage, "ddp-2", workers=2, use_stage_cache=False, **{"train.grad_accum": 2,
+                                                                       "scaling.max_failures": 0})
+    result = run_continual(cfg, prepared=data)
+    assert len(result.matrix) == 3 and all(v is not None and 0 <= v <= 1 for row in result.matrix for v in row)
+    stages = json.loads((storage / "runs" / "ddp-2" / "stages.json").read_text())
+    for s in stages:
+        losses = json.loads((Path(s["path"]) / "checkpoint" / "train_losses.json").read_text())
+        assert len(losses) == 6 and all(math.isfinite(loss) for _, loss in losses)
+        for task in ORDER:
+            (cell_file,) = (Path(s["path"]) / "eval").glob(f"{task}-*.json")
+            cell = StageStore.read_eval(Path(s["path"]), cell_file.stem)
+            assert cell["n"] == data["rows"][task]["test"], (task, cell["n"])

@@ -89,6 +89,11 @@ def evaluate_task(model: torch.nn.Module, processor: Any, task: str, split_dir: 
             r["knowledge"] = s
     rows = _gather(rows, world)
     rows.sort(key=lambda r: r["question_id"])
+    ids = [r["question_id"] for r in rows]
+    if len(set(ids)) != len(ids):  # ranks must evaluate disjoint shards: a row counted twice biases the score
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise RuntimeError(f"{task}: question ids {dupes} were evaluated more than once across {world} ranks; "
+                           "test question ids must be unique within a split")
     scores = [r["score"] for r in rows]
     knowledge = [r.get("knowledge") for r in rows] if judge is not None else []
     judged = [k for k in knowledge if k is not None]

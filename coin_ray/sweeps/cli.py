@@ -222,11 +222,13 @@ def init_ray(args: argparse.Namespace) -> None:
         except (OSError, ValueError):
             raise UsageError(f"Ray cluster at --address {args.address} does not answer: start it with `ray start --head` "
                              f"or leave --address out to run on this machine") from None
-    if args.address:
+    if args.address and args.address != "local":
         ray.init(address=args.address)
     else:
-        # the dashboard serves the State API that the Train controller polls (without it, it floods warnings)
-        ray.init(num_cpus=args.num_cpus or os.cpu_count())
+        # address="local" always starts a Ray of our own: without it, ray.init() follows the address file that a
+        # `ray start --head` leaves behind (/tmp/ray/ray_current_cluster), even after that head died.
+        # The dashboard serves the State API that the Train controller polls (without it, it floods warnings).
+        ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count())
     from coin_ray.training.continual import quiet_data_context
 
     quiet_data_context()
@@ -255,9 +257,37 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
     raise SystemExit(2)
 
 
+def _address_from_argv(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--address" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--address="):
+            return arg.partition("=")[2]
+    return os.environ.get("RAY_ADDRESS")
+
+
+def ray_auth_for_existing_cluster(address: str | None) -> bool:
+    """Turn on Ray's token authentication in this driver when it joins an existing cluster and a token is at
+    hand; True when it did.
+
+    Ray 2.60's `ray start` turns token authentication on and writes the token to ~/.ray/auth_token; a driver
+    then connects only with RAY_AUTH_MODE=token, which Ray reads once, when it is first imported. A driver in
+    token mode still joins a cluster started without authentication, so setting it is safe whenever a token
+    exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or the default file). An explicit RAY_AUTH_MODE is left as it is.
+    """
+    if not address or address == "local" or "RAY_AUTH_MODE" in os.environ or "ray" in sys.modules:
+        return False
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (Path.home() / ".ray" / "auth_token").is_file()):
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    return True
+
+
 def run_main(main) -> None:
     """Run a script's main(); user errors (every `UserError`: flags, config, task orders, designs, data, an
     unreachable tracking server) become one clear line and exit code 2; anything else keeps its traceback."""
+    ray_auth_for_existing_cluster(_address_from_argv(sys.argv[1:]))  # before anything imports ray
     try:
         main()
     except (UserError, FileNotFoundError) as e:

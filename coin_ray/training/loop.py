@@ -8,6 +8,7 @@ order that shares the prefix, gives exactly the same result on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -42,12 +43,15 @@ class WorkerEnv:
     device: torch.device
     get_shard: Callable[[str], Any]  # dataset name -> object with iter_torch_batches(...)
     in_ray_train: bool
+    control_group: Any = None  # a gloo group with a long timeout for waits (see control_process_group)
 
     def barrier(self) -> None:
+        """Wait for every rank. Runs on the control group: while rank 0 waits for a stage another trial is
+        training, the other ranks wait here for as long as that takes, not for the default group's timeout."""
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            dist.barrier(group=self.control_group)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         if not self.in_ray_train:
@@ -57,6 +61,21 @@ class WorkerEnv:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if (
             checkpoint_dir is not None and self.rank == 0) else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+CONTROL_TIMEOUT_S = 7 * 24 * 3600  # a stage trained elsewhere may take days at 7B scale
+
+
+def control_process_group() -> Any:
+    """A gloo process group for the loop's own waits, with a timeout long enough to wait for a stage that
+    another trial is training (torch.distributed's default is 30 minutes; NCCL's watchdog would end the run).
+    Gradients and evaluation rows still travel on the default group. Every rank must call this once, at the
+    same point."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
 
 
 def stage_seed(seed: int, prefix: tuple[str, ...]) -> int:
@@ -407,17 +426,21 @@ def _train_stage(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, 
                                               local_shuffle_seed=stage_seed(cfg.train.seed + epoch, prefix) % (2**31)):
             n_batches += 1
             batch = {name: t.to(env.device) for name, t in batch.items()}
-            with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = train_model(**batch)
-                loss = out.loss
-                aux = tuner_aux_loss(model)
-                if aux is not None:
-                    loss = loss + aux
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise non_finite("loss", value)
-            scaled = loss / cfg.train.grad_accum
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            # under DDP, gradients are all-reduced only on the last micro-batch of an accumulation
+            last_micro = (micro + 1) % cfg.train.grad_accum == 0
+            sync = contextlib.nullcontext() if (env.world <= 1 or last_micro) else train_model.no_sync()
+            with sync:
+                with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    out = train_model(**batch)
+                    loss = out.loss
+                    aux = tuner_aux_loss(model)
+                    if aux is not None:
+                        loss = loss + aux
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise non_finite("loss", value)
+                scaled = loss / cfg.train.grad_accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             running += value / cfg.train.grad_accum
             micro += 1
             if micro % cfg.train.grad_accum:
@@ -462,5 +485,7 @@ def _ray_train_env() -> WorkerEnv:
     quiet_data_context()
 
     ctx = ray.train.get_context()
-    return WorkerEnv(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device(),
-                     get_shard=ray.train.get_dataset_shard, in_ray_train=True)
+    world = ctx.get_world_size()
+    return WorkerEnv(rank=ctx.get_world_rank(), world=world, device=ray.train.torch.get_device(),
+                     get_shard=ray.train.get_dataset_shard, in_ray_train=True,
+                     control_group=control_process_group() if world > 1 else None)
