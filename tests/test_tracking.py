@@ -199,8 +199,11 @@ def test_resumed_trial_reopens_its_run_without_duplicate_points(store, client):
     from tracking import open_sweep_run
 
     sweep_id = open_sweep_run(store, "resume", "sweep-r", params={"design": "all"})
-    assert open_sweep_run(store, "resume", "sweep-r", params={"design": "williams"}) == sweep_id
-    assert client.get_run(sweep_id).data.tags["coin_ray.param_conflict.design"] == "williams"
+    assert open_sweep_run(store, "resume", "sweep-r", params={"design": "all"}) == sweep_id
+    other = open_sweep_run(store, "resume", "sweep-r", params={"design": "williams"})  # another sweep: its own run
+    assert other != sweep_id and client.get_run(other).data.params == {"design": "williams"}
+    assert client.get_run(sweep_id).data.params == {"design": "all"}
+    assert not any(t.startswith("coin_ray.param_conflict") for t in client.get_run(sweep_id).data.tags)
 
     name = "ImageNet>TextVQA>ScienceQA-s1"
     first = tracker_for(store, "resume", name, parent=sweep_id)
@@ -225,16 +228,16 @@ def test_resumed_trial_reopens_its_run_without_duplicate_points(store, client):
 def test_mark_run_failed_only_touches_running_runs(store, client):
     from tracking import MlflowTracker, mark_run_failed
 
-    assert mark_run_failed(store, "failed", "never-started") is None
+    assert mark_run_failed(store, "failed", "0123456789abcdef01234567") is None
     running = tracker_for(store, "failed", "crashed")
     running.on_run_start(run_info("crashed"))
     running.on_stage_end(stage_report(0))
     running.flush(30)
-    assert mark_run_failed(store, "failed", "crashed", error=RuntimeError("OOM")) == running.run_id
+    assert mark_run_failed(store, "failed", running.run_key, error=RuntimeError("OOM")) == running.run_id
     assert client.get_run(running.run_id).info.status == "FAILED"
     done = tracker_for(store, "failed", "done")
     drive(done, "done")
-    mark_run_failed(store, "failed", "done")
+    mark_run_failed(store, "failed", done.run_key)
     assert client.get_run(done.run_id).info.status == "FINISHED"
     with pytest.raises(ValueError, match="run_name"):
         MlflowTracker(store, "failed", "")

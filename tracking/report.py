@@ -39,12 +39,17 @@ def _sweep_runs(client: "MlflowClient", experiment_id: str) -> list["Run"]:
 
 
 def find_sweep(client: "MlflowClient", experiment_id: str, sweep: str | None) -> "Run | None":
-    """The sweep run named `sweep`, or the most recently started one; None when the experiment has none."""
+    """The sweep run named `sweep`, or the most recently started one; None when the experiment has none.
+    `sweep` may leave out the config-hash suffix the runner appends ("<name>-<6 hex digits>"): the most
+    recent sweep of that name is taken."""
     runs = _sweep_runs(client, experiment_id)
     if sweep is None:
         return runs[0] if runs else None
     for run in runs:
         if run.info.run_name == sweep:
+            return run
+    for run in runs:  # newest first
+        if re.fullmatch(re.escape(sweep) + r"-[0-9a-f]{6}", run.info.run_name or ""):
             return run
     names = sorted({r.info.run_name for r in runs})
     raise ReportError(f"no sweep named {sweep!r}; sweeps in this experiment: {', '.join(names) or 'none'}")
@@ -132,6 +137,10 @@ def build_report(tracking_uri: str, experiment: str, sweep: str | None = None, s
     from tracking.plots import figure_png, format_table, matrices_figure, summary_figure
 
     uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith(("http://", "https://")):  # a server that is down: one clear line in seconds, not minutes
+        from tracking._uri import check_tracking_uri
+
+        check_tracking_uri(uri, timeout_s=5)
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -189,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sort-by", default="mfn", help="metric to sort by, best first (default: %(default)s)")
     parser.add_argument("--out", help="folder for trials.csv, summary.png and per-trial matrix heatmaps")
     args = parser.parse_args(argv)
+    from tracking._uri import TrackingUnavailableError
+
     try:
         print(build_report(args.tracking_uri, args.experiment, args.sweep, args.sort_by, args.out))
-    except ReportError as error:
+    except (ReportError, TrackingUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from coin_ray._files import read_json, write_json_atomic
+
 STORE_VERSION = 1
 
 
@@ -48,12 +50,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -167,18 +163,13 @@ class StageStore:
     # ---- evaluation cells ---------------------------------------------------------------------------
     @staticmethod
     def read_eval(entry_path: Path, task: str) -> dict[str, Any] | None:
-        path = entry_path / "eval" / f"{task}.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+        cell = read_json(entry_path / "eval" / f"{task}.json")
+        return cell if isinstance(cell, dict) else None
 
     @staticmethod
     def write_eval(entry_path: Path, task: str, cell: dict[str, Any]) -> None:
         (entry_path / "eval").mkdir(exist_ok=True)
-        _write_json_atomic(entry_path / "eval" / f"{task}.json", cell)
+        write_json_atomic(entry_path / "eval" / f"{task}.json", cell)
 
     # ---- housekeeping -------------------------------------------------------------------------------
     def entries(self) -> Iterator[tuple[str, dict[str, Any], int]]:
