@@ -415,3 +415,28 @@ def test_sweep_against_a_down_server_stops_in_preflight_within_seconds(tmp_path)
     assert proc.returncode == 2 and "did not answer" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert elapsed < 20, elapsed
     assert not (tmp_path / "runs" / "tune").exists()  # no trial started
+
+
+def test_a_trial_end_against_a_hanging_server_spools_within_its_flush_timeout(tmp_path):
+    """A server that accepts connections and never answers: close() waits flush_timeout_s, not the request's
+    30 s timeout, then spools every write (the one in flight included)."""
+    from mlflow import MlflowClient
+
+    from tracking._outbox import Outbox, Write
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        outbox = Outbox(MlflowClient(uri), "0123456789abcdef", tmp_path / "spool")
+        for i in range(3):
+            outbox.put(Write("batch", metrics=[("m", float(i), 1000 + i, i)]))
+        started = time.monotonic()
+        folder = outbox.close(timeout_s=1.0)
+        elapsed = time.monotonic() - started
+    finally:
+        listener.close()
+    assert elapsed < 8, elapsed
+    assert folder == tmp_path / "spool" / "0123456789abcdef"
+    assert len((folder / "writes.jsonl").read_text().splitlines()) == 3

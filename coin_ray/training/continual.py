@@ -5,8 +5,6 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -78,7 +76,9 @@ def ensure_synthetic_benchmark(storage: Path, **options: Any) -> Path:
 
 
 def _short_hash(material: Any) -> str:
-    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    from coin_ray.identity import short_hash
+
+    return short_hash(material, digits=16)
 
 
 def with_train_datasets(cfg: ExperimentConfig, prepared: dict[str, Any]) -> dict[str, Any]:

@@ -40,8 +40,9 @@ STORE_VERSION = 1
 
 def stage_key(material: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of everything that determines a stage's result (first 24 hex digits)."""
-    blob = json.dumps({"store_version": STORE_VERSION, **material}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    from coin_ray.identity import short_hash
+
+    return short_hash({"store_version": STORE_VERSION, **material})
 
 
 def _sha256(path: Path) -> str:
