@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
@@ -26,11 +25,6 @@ ROLE_TAG = "coin_ray.role"  # "sweep" on a sweep (parent) run, "trial" on a tria
 PARENT_TAG = "mlflow.parentRunId"
 RUN_KEY_TAG = "coin_ray.run_key"  # what a run is found by: a hash of its name and of everything its params hold
 
-# MLflow's own HTTP client retries a failed request up to 7 times with exponential backoff (minutes) and waits
-# 120 s for an answer. Retries are ours (bounded, below, and in the outbox), so one request fails fast;
-# a value the user set wins.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 RETRY_BUDGET_S = 60.0  # the longest a run start (or a mark-failed) retries a tracking server that is down
 
 # MLflow error codes that retrying cannot fix (a bad value, a missing run): everything else - connection
@@ -176,9 +170,9 @@ def find_runs(client: "MlflowClient", experiment_id: str, run_key: str, parent_r
               role: str) -> list["Run"]:
     """Active runs tagged with `run_key` and this role under `parent_run_id` (None: runs without a parent),
     oldest first."""
-    clauses = [f"tags.`{ROLE_TAG}` = '{role}'", f"tags.`{RUN_KEY_TAG}` = '{_quoted(run_key)}'"]
+    clauses = [f"tags.`{ROLE_TAG}` = '{role}'", f"tags.`{RUN_KEY_TAG}` = '{_checked_id(run_key)}'"]
     if parent_run_id:
-        clauses.append(f"tags.`{PARENT_TAG}` = '{_quoted(parent_run_id)}'")
+        clauses.append(f"tags.`{PARENT_TAG}` = '{_checked_id(parent_run_id)}'")
     runs, token = [], None
     while True:
         page = client.search_runs([experiment_id], " and ".join(clauses), max_results=1000, page_token=token)
@@ -190,7 +184,7 @@ def find_runs(client: "MlflowClient", experiment_id: str, run_key: str, parent_r
     return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
-def _quoted(text: str) -> str:
+def _checked_id(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
         raise ValueError(f"run keys and ids are hex digits, got {text!r}")
     return text

@@ -131,16 +131,15 @@ def _safe(name: str) -> str:
 def build_report(tracking_uri: str, experiment: str, sweep: str | None = None, sort_by: str = "mfn",
                  out: str | Path | None = None) -> str:
     """The report as text; with `out`, also trials.csv, summary.png and one <trial>.png per trial there."""
-    from mlflow import MlflowClient
-
-    from tracking._uri import experiment_runs_url, resolve_tracking_uri
-    from tracking.plots import figure_png, format_table, matrices_figure, summary_figure
+    from tracking._uri import check_tracking_uri, experiment_runs_url, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):  # a server that is down: one clear line in seconds, not minutes
-        from tracking._uri import check_tracking_uri
+        check_tracking_uri(uri, timeout_s=5)  # (before the heavy imports below)
+    from mlflow import MlflowClient
 
-        check_tracking_uri(uri, timeout_s=5)
+    from tracking.plots import figure_png, format_table, matrices_figure, summary_figure
+
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
