@@ -308,3 +308,45 @@ def test_embedding_judge_rejects_a_folder_without_a_model(tmp_path: Any) -> None
     with pytest.raises(FileNotFoundError, match="not a sentence-transformers model folder"):
         EmbeddingJudge(model_path=tmp_path)
     assert isinstance(build_judge("embedding", batch_size=8), EmbeddingJudge)
+
+
+def test_llm_judge_stops_calling_after_consecutive_failures(caplog: pytest.LogCaptureFixture) -> None:
+    """A judge that is down costs a few failed requests per cell, not one per reply, and one warning line."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    judge = LLMJudge(base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=1, backoff_s=0.01,
+                     timeout_s=2, concurrency=1, max_consecutive_failures=3)
+    caplog.set_level("WARNING")
+    result = judge.score([f"q{i}" for i in range(40)], ["a"] * 40, ["reply"] * 40)
+    assert result.scores == [None] * 40 and result.failures == 40
+    assert sum("connection failed" in e for e in result.errors) == 3
+    assert "not sent" in result.errors[3] and "3 replies in a row" in result.errors[3]
+    warnings = [r for r in caplog.records if r.name.endswith("_llm") and r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "not called again" in warnings[0].getMessage()
+
+
+def test_llm_judge_that_never_answers_is_bounded_by_its_budget() -> None:
+    """A server that accepts connections and never replies: each cell ends after about budget_s."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    try:
+        port = listener.getsockname()[1]
+        judge = LLMJudge(base_url=f"http://127.0.0.1:{port}/v1", model="m", timeout_s=30, max_retries=3,
+                         backoff_s=0.01, concurrency=2, budget_s=1.5)
+        started = time.monotonic()
+        result = judge.score(["q"] * 6, ["a"] * 6, ["reply"] * 6)
+        elapsed = time.monotonic() - started
+    finally:
+        listener.close()
+    assert result.failures == 6
+    assert elapsed < 4, elapsed  # without the budget: 4 attempts x 30 s per reply
+    assert LLMJudge("http://x/v1", "m").budget_s == 120.0  # the default: about 2 minutes per cell
+
+
+def test_llm_judge_breaker_resets_on_success(server: FakeChatServer) -> None:
+    replies = ["REPLY-unparseable", "REPLY-unparseable", "REPLY-slash"] * 3
+    result = ask(judge_for(server, concurrency=1, max_consecutive_failures=3), replies)
+    assert result.failures == 6 and result.scores[2::3] == [pytest.approx(0.8)] * 3
+    assert server.hits["REPLY-unparseable"] == 6  # never three in a row: every reply was sent

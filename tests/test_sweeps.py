@@ -189,3 +189,79 @@ def test_optuna_order_design_runs_permutations(tmp_path):
     assert len(results) == 2
     for r in results:
         assert sorted(r["order"]) == ["ImageNet", "ScienceQA"]
+
+
+ONE_ORDER = ["--design", "given", "--orders", "ScienceQA>TextVQA", "--tasks", "ScienceQA,TextVQA"]
+
+
+@pytest.mark.slow
+def test_sweeps_that_differ_in_lr_keep_their_own_runs_and_a_rerun_adds_nothing(tmp_path):
+    """Two sweeps on one storage path and one MLflow store, differing only in train.lr: two disjoint sets of
+    trial runs, each holding its own lr, two runs/ folders; rerunning the first trains nothing and adds no run."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [*ONE_ORDER, "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri, "--experiment", "ident",
+              *TINY, "--set", "eval.judge=none"]
+    first = _run("task_order.py", *common, "--set", "train.lr=0.004", cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "stages trained: 2, stages reused from the stage store: 0" in first.stdout
+    second = _run("task_order.py", *common, "--set", "train.lr=0.002", cwd=tmp_path)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "stages trained: 2, stages reused from the stage store: 0" in second.stdout  # nothing of the first
+
+    children, parents = _children(uri, "ident")
+    assert len(parents) == 2 and len({p.info.run_name for p in parents}) == 2
+    assert len(children) == 2 and {c.data.tags["mlflow.parentRunId"] for c in children} == {
+        p.info.run_id for p in parents}
+    assert sorted(c.data.params["lr"] for c in children) == ["0.002", "0.004"]
+    assert len({c.data.tags["coin_ray.run_key"] for c in children}) == 2
+    assert len({c.info.run_name for c in children}) == 2  # readable name + config hash
+    assert all(c.info.run_name.startswith("ScienceQA>TextVQA-s0-") for c in children)
+    results = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs" / "runs").glob("*/result.json")}
+    assert sorted(results) == sorted(c.info.run_name for c in children)
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        runs_before = db.execute("select count(*) from runs").fetchone()[0]
+
+    again = _run("task_order.py", *common, "--set", "train.lr=0.004", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "stages trained: 0, stages reused from the stage store: 2" in again.stdout
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("select count(*) from runs").fetchone()[0] == runs_before  # no run added
+    children_again, parents_again = _children(uri, "ident")
+    assert {c.info.run_id for c in children_again} == {c.info.run_id for c in children}
+    assert all(c.info.status == "FINISHED" for c in children_again)
+    client = MlflowClient(uri)
+    for child in children_again:  # one point per stage: the rerun did not log the same stage twice
+        assert len(client.get_metric_history(child.info.run_id, "acc/ScienceQA")) == 2
+
+
+@pytest.mark.slow
+def test_sweep_with_a_judge_that_is_down_finishes_without_knowledge_scores(tmp_path):
+    import socket
+
+    from mlflow import MlflowClient
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    options = f'{{base_url: "http://127.0.0.1:{port}/v1", model: judge, max_retries: 1, backoff_s: 0.01}}'
+    proc = _run("task_order.py", *ONE_ORDER, "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri,
+                "--experiment", "judge-down", *TINY, "--set", "eval.judge=llm", "--set", f"eval.judge_options={options}",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no knowledge score for ScienceQA" in proc.stdout
+    children, parents = _children(uri, "judge-down")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert parents[0].info.status == "FINISHED" and parents[0].data.metrics["trials_finished"] == 1
+    metrics = children[0].data.metrics
+    assert {"mft", "mfn", "bwt", "acc/ScienceQA", "acc/TextVQA"} <= set(metrics)
+    assert not any(k.startswith(("gk_", "gk/", "avg_seen_gk")) for k in metrics)
+    client = MlflowClient(uri)
+    path = client.download_artifacts(children[0].info.run_id, "knowledge_matrix.json", str(tmp_path))
+    assert json.loads(Path(path).read_text())["matrix"] == [[None, None], [None, None]]
+    result = json.loads(next((tmp_path / "runs" / "runs").glob("*/result.json")).read_text())
+    assert result["knowledge_matrix"] == [[None, None], [None, None]] and "gk_mfn" not in result["metrics"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import threading
 import time
@@ -274,8 +275,11 @@ def test_resumed_trial_reopens_its_run_without_duplicate_points(store, client):
     from tracking import open_sweep_run
 
     sweep_id = open_sweep_run(store, "resume", "sweep-r", params={"design": "all"})
-    assert open_sweep_run(store, "resume", "sweep-r", params={"design": "williams"}) == sweep_id
-    assert client.get_run(sweep_id).data.tags["coin_ray.param_conflict.design"] == "williams"
+    assert open_sweep_run(store, "resume", "sweep-r", params={"design": "all"}) == sweep_id
+    other = open_sweep_run(store, "resume", "sweep-r", params={"design": "williams"})  # another sweep: its own run
+    assert other != sweep_id and client.get_run(other).data.params == {"design": "williams"}
+    assert client.get_run(sweep_id).data.params == {"design": "all"}
+    assert not any(t.startswith("coin_ray.param_conflict") for t in client.get_run(sweep_id).data.tags)
 
     name = "ImageNet>TextVQA>ScienceQA-s1"
     first = tracker_for(store, "resume", name, parent=sweep_id)
@@ -300,16 +304,16 @@ def test_resumed_trial_reopens_its_run_without_duplicate_points(store, client):
 def test_mark_run_failed_only_touches_running_runs(store, client):
     from tracking import MlflowTracker, mark_run_failed
 
-    assert mark_run_failed(store, "failed", "never-started") is None
+    assert mark_run_failed(store, "failed", "0123456789abcdef01234567") is None
     running = tracker_for(store, "failed", "crashed")
     running.on_run_start(run_info("crashed"))
     running.on_stage_end(stage_report(0))
     running.flush(30)
-    assert mark_run_failed(store, "failed", "crashed", error=RuntimeError("OOM")) == running.run_id
+    assert mark_run_failed(store, "failed", running.run_key, error=RuntimeError("OOM")) == running.run_id
     assert client.get_run(running.run_id).info.status == "FAILED"
     done = tracker_for(store, "failed", "done")
     drive(done, "done")
-    mark_run_failed(store, "failed", "done")
+    mark_run_failed(store, "failed", done.run_key)
     assert client.get_run(done.run_id).info.status == "FINISHED"
     with pytest.raises(ValueError, match="run_name"):
         MlflowTracker(store, "failed", "")
@@ -386,3 +390,128 @@ def test_sweep_artifacts_report_and_ui_link(store, client, tmp_path):
     exp_id = client.get_experiment_by_name("report").experiment_id
     assert command == f"mlflow ui --backend-store-uri {store}"
     assert url == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs"
+
+
+# ---- run identity and tracking faults --------------------------------------------------------------------------
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_trials_of_two_configs_with_one_name_get_their_own_runs(store, client):
+    """Runs are found by the key tag (name + config hash), not by name: another lr is another run, a rerun of
+    the same config reopens its run, and no param ever holds two values."""
+    name = "ScienceQA>TextVQA>ImageNet-s0"
+    a = tracker_for(store, "keys", name)
+    drive(a, name)
+    b = tracker_for(store, "keys", name)
+    b.on_run_start(run_info(name, extra={"train.lr": 0.004, "storage_path": "/tmp/b"}))
+    b.on_run_end(run_result())
+    again = tracker_for(store, "keys", name)
+    drive(again, name)
+    assert a.run_id != b.run_id and again.run_id == a.run_id and again.reopened
+    assert a.run_key != b.run_key
+    assert client.get_run(a.run_id).data.params["lr"] == "0.0005"
+    run_b = client.get_run(b.run_id)
+    assert run_b.data.params["lr"] == "0.004" and run_b.data.tags["coin_ray.run_key"] == b.run_key
+    # where the results live is a setting (a tag), not part of the identity
+    assert "storage_path" not in run_b.data.params and run_b.data.tags["coin_ray.setting.storage_path"] == "/tmp/b"
+    assert len(runs_named(client, "keys", name)) == 2
+    assert not any(t.startswith("coin_ray.param_conflict") for r in (a, b) for t in client.get_run(r.run_id).data.tags)
+
+
+def test_retries_stop_at_their_deadline():
+    from tracking._runs import call_with_retry
+
+    calls = []
+
+    def down():
+        calls.append(time.monotonic())
+        raise ConnectionError("connection refused")
+
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        call_with_retry(down, "probe", attempts=50, base_delay_s=0.2, deadline=started + 1.0)
+    assert time.monotonic() - started < 1.5 and 2 <= len(calls) <= 4
+
+
+def test_spool_skips_a_torn_line_and_replays_each_write_once(store, client, tmp_path, caplog):
+    from mlflow.entities import Metric
+
+    from tracking._outbox import Write, replay_spool, spool_writes
+
+    tracker = tracker_for(store, "spool", "spooled-run")
+    tracker.on_run_start(run_info("spooled-run"))
+    tracker.on_run_end(run_result())
+    spool = tmp_path / "spool"
+    writes = [Write("batch", metrics=[("replayed/x", float(i), 1000 + i, i)]) for i in range(5)]
+    folder = spool_writes(spool, tracker.run_id, writes[:4])
+    with open(folder / "writes.jsonl", "a") as f:  # the spooling process died mid-line
+        f.write('{"kind": "batch", "metr')
+    spool_writes(spool, tracker.run_id, writes[4:])  # a later spooling keeps its line apart from the torn one
+    (folder / "replayed").write_text("2")  # an earlier replay delivered two writes, then was interrupted
+    client.log_batch(tracker.run_id, metrics=[Metric("replayed/x", float(i), 1000 + i, i) for i in range(2)])
+    caplog.set_level("WARNING")
+    assert replay_spool(spool, store) == 3
+    assert history(client, tracker.run_id, "replayed/x") == [(i, float(i)) for i in range(5)]  # once each
+    assert any("torn" in r.getMessage() and "line 5 of 6" in r.getMessage() for r in caplog.records)
+    assert not folder.exists() and replay_spool(spool, store) == 0
+
+
+def test_report_against_a_down_server_fails_fast_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    port = _closed_port()
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(root / "tracking" / "report.py"), "--experiment", "x",
+                           "--tracking-uri", f"http://127.0.0.1:{port}"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)})
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert elapsed < 15, elapsed
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: MLflow tracking server at") and "did not answer" in lines[0]
+
+
+def test_sweep_against_a_down_server_stops_in_preflight_within_seconds(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(root / "sweeps" / "task_order.py"), "--smoke-test",
+                           "--storage-path", str(tmp_path / "runs"), "--tracking-uri",
+                           f"http://127.0.0.1:{_closed_port()}"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2 and "did not answer" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert elapsed < 20, elapsed
+    assert not (tmp_path / "runs" / "tune").exists()  # no trial started
+
+
+def test_a_trial_end_against_a_hanging_server_spools_within_its_flush_timeout(tmp_path):
+    """A server that accepts connections and never answers: close() waits flush_timeout_s, not the request's
+    30 s timeout, then spools every write (the one in flight included)."""
+    from mlflow import MlflowClient
+
+    from tracking._outbox import Outbox, Write
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    try:
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        outbox = Outbox(MlflowClient(uri), "0123456789abcdef", tmp_path / "spool")
+        for i in range(3):
+            outbox.put(Write("batch", metrics=[("m", float(i), 1000 + i, i)]))
+        started = time.monotonic()
+        folder = outbox.close(timeout_s=1.0)
+        elapsed = time.monotonic() - started
+    finally:
+        listener.close()
+    assert elapsed < 8, elapsed
+    assert folder == tmp_path / "spool" / "0123456789abcdef"
+    assert len((folder / "writes.jsonl").read_text().splitlines()) == 3

@@ -239,3 +239,18 @@ def test_short_continual_run_logs_through_the_tracker(server, ray_cluster, tmp_p
         assert run.data.metrics[key] == pytest.approx(value)
     assert {f.path for f in client.list_artifacts(run.info.run_id, "predictions")} == {
         f"predictions/stage_{k}_{t}.jsonl" for k, t in enumerate(order)}
+
+
+def test_a_trial_start_against_a_down_server_gives_up_within_the_retry_budget(tmp_path):
+    """Down mid-sweep, before a trial opens its run: bounded retries (RETRY_BUDGET_S), then the error."""
+    from tracking._runs import RETRY_BUDGET_S
+
+    tracker = _tracker(f"http://127.0.0.1:{_free_port()}", "down", "never-opened", None, spool_dir=tmp_path)
+    started = time.monotonic()
+    with pytest.raises(Exception) as info:
+        tracker.on_run_start(run_info("never-opened"))
+    elapsed = time.monotonic() - started
+    assert elapsed < RETRY_BUDGET_S + 10, elapsed
+    assert "Connection" in type(info.value).__name__ or "connect" in str(info.value).lower(), info.value
+    tracker.on_run_failed(RuntimeError("x"))  # nothing was opened: nothing to close, nothing spooled
+    assert not any(tmp_path.iterdir())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +106,54 @@ def test_two_data_parallel_workers_with_grad_accum(prepared, tmp_path):
             (cell_file,) = (Path(s["path"]) / "eval").glob(f"{task}-*.json")
             cell = StageStore.read_eval(Path(s["path"]), cell_file.stem)
             assert cell["n"] == data["rows"][task]["test"], (task, cell["n"])
+
+
+@pytest.mark.integration
+def test_a_judge_that_is_down_leaves_null_knowledge_and_nothing_cached(prepared, tmp_path):
+    """The llm judge on a closed loopback port: the run finishes with its instruction matrix and metrics,
+    knowledge cells are null with a reason, no gk_* metric, and no eval cell is cached; once a judge answers
+    on that port, a rerun (stages reused) judges every cell."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from coin_ray.training import run_continual
+    from coin_ray.training.loop import eval_cell_name
+
+    storage, data = prepared
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = {"base_url": f"http://127.0.0.1:{port}/v1", "model": "judge", "max_retries": 1, "backoff_s": 0.01}
+    cfg = _cfg(storage, "judge-down", **{"eval.judge": "llm", "eval.judge_options": options})
+    down = run_continual(cfg, prepared=data)
+    assert len(down.matrix) == 3 and all(x is not None for row in down.matrix for x in row)
+    assert down.knowledge_matrix == [[None] * 3] * 3
+    assert "mfn" in down.metrics and not any(k.startswith("gk_") for k in down.metrics)
+    stages = json.loads((storage / "runs" / "judge-down" / "stages.json").read_text())
+    for stage in stages:
+        for task in ORDER:
+            assert not (Path(stage["path"]) / "eval" / f"{eval_cell_name(task, cfg)}.json").exists()
+
+    class Judge(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"choices": [{"message": {"content": "7"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), Judge)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        up = run_continual(cfg.replace(name="judge-up"), prepared=data)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert up.stages_reused == (0, 1, 2) and up.matrix == down.matrix
+    assert up.knowledge_matrix == [[pytest.approx(0.7)] * 3] * 3 and "gk_mfn" in up.metrics

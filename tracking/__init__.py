@@ -8,7 +8,14 @@ names are loaded on first use.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# MLflow's own HTTP client retries a failed request up to 7 times with exponential backoff (minutes) and waits
+# 120 s for an answer. The retries are tracking's own (bounded: tracking._runs.RETRY_BUDGET_S and the outbox),
+# so one request fails fast; a value the user set wins.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 _EXPORTS = {
     "MlflowTracker": "tracking._tracker",

@@ -10,9 +10,11 @@ Delivery policy (documented in the README as well):
   again (a metric point may then appear twice in its history, same step and value).
 - A permanent failure (MLflow rejects the value) is logged as an error and counted in `rejected`; the
   remaining writes go on.
-- At the end of the run `close(timeout_s)` waits for the queue to drain. Whatever is still undelivered is
-  written to a spool folder (JSON lines + artifact files) with a warning naming it; `replay_spool` sends it
-  later: nothing is dropped without a trace.
+- At the end of the run `close(timeout_s)` waits for the queue to drain (the tracker waits 60 s by default).
+  Whatever is still undelivered is written to a spool folder (JSON lines + artifact files; a sweep keeps it
+  under its storage path) with a warning naming it; `replay_spool` sends it later: nothing is dropped without
+  a trace. Replay records its progress after every write, so a replay that is interrupted and run again
+  sends each write once; a line cut short (a crash while spooling) is skipped with a warning.
 """
 from __future__ import annotations
 
@@ -134,7 +136,7 @@ class Outbox:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout=self.max_delay_s + 5)
+        self._thread.join(timeout=5)  # a request still in flight (server hanging) is spooled as well
         with self._cond:
             left = list(self.queue)
             self.queue.clear()
@@ -187,7 +189,11 @@ def spool_writes(spool_dir: Path, run_id: str, writes: list[Write]) -> Path:
     """Append undelivered writes to <spool_dir>/<run_id>/writes.jsonl (artifact bytes as files beside it)."""
     folder = Path(spool_dir) / run_id
     (folder / "files").mkdir(parents=True, exist_ok=True)
-    with open(folder / "writes.jsonl", "a") as out:
+    journal = folder / "writes.jsonl"
+    torn = journal.is_file() and journal.stat().st_size > 0 and not journal.read_bytes().endswith(b"\n")
+    with open(journal, "a") as out:
+        if torn:  # an earlier spooling died mid-line: keep that line apart from the new ones
+            out.write("\n")
         for n, write in enumerate(writes):
             record: dict[str, Any] = {"kind": write.kind, "metrics": write.metrics, "tags": write.tags,
                                       "path": write.path, "local_dir": write.local_dir, "status": write.status}
@@ -202,8 +208,14 @@ def spool_writes(spool_dir: Path, run_id: str, writes: list[Write]) -> Path:
 def replay_spool(spool_dir: str | Path, tracking_uri: str) -> int:
     """Send every spooled write to its run, in order; a run's spool folder is removed once all of its writes
     went through; transient failures are retried with backoff. Returns the number of writes sent. Raises the
-    first error that retrying did not fix (that write and the rest stay spooled)."""
+    first error that retrying did not fix (that write and the rest stay spooled).
+
+    Each run folder's `replayed` file counts the lines already handled (written atomically after each one), so
+    a second replay after an interruption starts where the first stopped: every write arrives once. A line
+    that is not valid JSON (cut short when spooling crashed) is skipped with a warning."""
     from mlflow import MlflowClient
+
+    from coin_ray._files import read_json, write_json_atomic
 
     if not Path(spool_dir).is_dir():
         return 0
@@ -211,16 +223,20 @@ def replay_spool(spool_dir: str | Path, tracking_uri: str) -> int:
     sent = 0
     for folder in sorted(p for p in Path(spool_dir).iterdir() if (p / "writes.jsonl").is_file()):
         lines = (folder / "writes.jsonl").read_text().splitlines()
-        for n, line in enumerate(lines):
-            record = json.loads(line)
-            data = Path(record.pop("data_file")).read_bytes() if "data_file" in record else b""
-            write = Write(record["kind"], metrics=[tuple(m) for m in record["metrics"]], tags=record["tags"],
-                          path=record["path"], local_dir=record["local_dir"], status=record["status"], data=data)
+        done = read_json(folder / "replayed")
+        done = done if isinstance(done, int) and 0 <= done <= len(lines) else 0
+        for n in range(done, len(lines)):
             try:
+                record = json.loads(lines[n])
+                write = Write(record["kind"], metrics=[tuple(m) for m in record["metrics"]], tags=record["tags"],
+                              path=record["path"], local_dir=record["local_dir"], status=record["status"],
+                              data=Path(record["data_file"]).read_bytes() if "data_file" in record else b"")
+            except (ValueError, KeyError, TypeError, OSError) as error:
+                log.warning("MLflow spool %s: line %d of %d is torn or not a spooled write (%s); skipped",
+                            folder / "writes.jsonl", n + 1, len(lines), error)
+            else:
                 call_with_retry(lambda: send(client, folder.name, write), f"replay {write.kind} write")
-            except Exception:
-                (folder / "writes.jsonl").write_text("".join(x + "\n" for x in lines[n:]))
-                raise
-            sent += 1
+                sent += 1
+            write_json_atomic(folder / "replayed", n + 1)
         shutil.rmtree(folder)
     return sent

@@ -1,6 +1,7 @@
 """Run-level MLflow plumbing shared by the trial tracker and the sweep run: retries, finding or reopening a run
-by its deterministic name, idempotent params, batched writes. Params and tags are masked by
-coin_ray.redact on their way out (the same rules as every other exit of the process).
+by its deterministic key (tag `coin_ray.run_key`), idempotent params, batched writes, and the secret filter
+for params. Params and tags are masked by
+coin_ray.redact on their way out.
 
 Everything takes an `MlflowClient` and explicit run ids: no global active-run state, so threads and processes
 can log to different runs at once.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
@@ -24,7 +26,9 @@ T = TypeVar("T")
 
 ROLE_TAG = "coin_ray.role"  # "sweep" on a sweep (parent) run, "trial" on a trial (child) run
 PARENT_TAG = "mlflow.parentRunId"
-CONFLICT_TAG_PREFIX = "coin_ray.param_conflict."
+RUN_KEY_TAG = "coin_ray.run_key"  # what a run is found by: a hash of its name and of everything its params hold
+
+RETRY_BUDGET_S = 60.0  # the longest a run start (or a mark-failed) retries a tracking server that is down
 
 # MLflow error codes that retrying cannot fix (a bad value, a missing run): everything else - connection
 # errors, timeouts, 5xx, sqlite "database is locked" (TEMPORARILY_UNAVAILABLE) - is treated as transient.
@@ -49,15 +53,17 @@ def is_transient(error: BaseException) -> bool:
 
 
 def call_with_retry(fn: Callable[[], T], what: str, attempts: int = 6, base_delay_s: float = 0.5,
-                    max_delay_s: float = 10.0) -> T:
-    """Call `fn`, retrying transient failures with exponential backoff (0.5, 1, 2, 4, 8 s by default).
-    Permanent failures and the last transient one propagate."""
+                    max_delay_s: float = 10.0, deadline: float | None = None) -> T:
+    """Call `fn`, retrying transient failures with exponential backoff (0.5, 1, 2, 4, 8 s by default), and
+    not past `deadline` (a `time.monotonic()` value; several calls can share one). Permanent failures and the
+    last transient one propagate."""
     delay = base_delay_s
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as error:
-            if attempt == attempts or not is_transient(error):
+            late = deadline is not None and time.monotonic() + delay > deadline
+            if attempt == attempts or late or not is_transient(error):
                 raise
             log.warning("MLflow %s failed (%s: %s); retry %d/%d in %.1f s", what, type(error).__name__,
                         str(error)[:200], attempt, attempts - 1, delay)
@@ -94,54 +100,41 @@ def log_metrics_batched(client: "MlflowClient", run_id: str, metrics: list["Metr
         client.log_batch(run_id, metrics=chunk)
 
 
-def log_params_idempotent(client: "MlflowClient", run: "Run", params: Mapping[str, Any]) -> dict[str, str]:
+def log_params_idempotent(client: "MlflowClient", run: "Run", params: Mapping[str, Any]) -> list[str]:
     """Log params that the run does not hold yet; skip equal ones (a resumed run logs them again).
 
-    MLflow params are immutable: a param that the run already holds with another value is kept, and the
-    new value goes to a tag `coin_ray.param_conflict.<key>` with a warning, so the clash is visible without
-    failing the run. Credentials in values are masked first (coin_ray.redact). Returns the conflicts
-    {key: new value}."""
-    from mlflow.entities import Param, RunTag
+    A run is found by a key that hashes every param it holds (`RUN_KEY_TAG`), so the run found never holds a
+    param with another value: that would be a bug in the key, and raises ValueError rather than mixing two
+    configurations in one run. Returns the keys logged."""
+    from mlflow.entities import Param
 
     existing = dict(run.data.params)
-    new, conflicts = [], {}
+    new, clashes = [], []
     for key, value in redact_params(params).items():
         text = param_value(value)
         if key not in existing:
             new.append(Param(key, text))
         elif existing[key] != text:
-            conflicts[key] = text
-    run_id = run.info.run_id
+            clashes.append(key)
+    if clashes:
+        raise ValueError(f"MLflow run {run.info.run_id} (key {run.data.tags.get(RUN_KEY_TAG)}) holds params "
+                         f"{sorted(clashes)} with other values: its run key must cover every param")
     for chunk in chunked(new, MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, params=chunk)
-    if conflicts:
-        log.warning("run %s already holds params %s with other values; the new values are kept as tags %s*",
-                    run_id, sorted(conflicts), CONFLICT_TAG_PREFIX)
-        tags = [RunTag(CONFLICT_TAG_PREFIX + k, v[:5000]) for k, v in conflicts.items()]
-        for chunk in chunked(tags, MAX_PARAMS_TAGS_PER_BATCH):
-            client.log_batch(run_id, tags=chunk)
-    return conflicts
+        client.log_batch(run.info.run_id, params=chunk)
+    return [p.key for p in new]
 
 
-def _name_filter(name: str) -> str:
-    quote = "'" if "'" not in name else '"'
-    return f"attributes.run_name = {quote}{name}{quote}" if quote not in name else ""
-
-
-def find_runs(client: "MlflowClient", experiment_id: str, name: str, parent_run_id: str | None,
+def find_runs(client: "MlflowClient", experiment_id: str, run_key: str, parent_run_id: str | None,
               role: str) -> list["Run"]:
-    """Active runs named `name` with this role under `parent_run_id` (None: runs without a parent),
+    """Active runs tagged with `run_key` and this role under `parent_run_id` (None: runs without a parent),
     oldest first."""
-    clauses = [f"tags.`{ROLE_TAG}` = '{role}'"]
+    clauses = [f"tags.`{ROLE_TAG}` = '{role}'", f"tags.`{RUN_KEY_TAG}` = '{_checked_id(run_key)}'"]
     if parent_run_id:
-        clauses.append(f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
-    name_clause = _name_filter(name)
-    if name_clause:
-        clauses.append(name_clause)
+        clauses.append(f"tags.`{PARENT_TAG}` = '{_checked_id(parent_run_id)}'")
     runs, token = [], None
     while True:
         page = client.search_runs([experiment_id], " and ".join(clauses), max_results=1000, page_token=token)
-        runs += [r for r in page if r.info.run_name == name
+        runs += [r for r in page if r.data.tags.get(RUN_KEY_TAG) == run_key
                  and (parent_run_id is not None or PARENT_TAG not in r.data.tags)]
         token = page.token
         if not token:
@@ -149,25 +142,31 @@ def find_runs(client: "MlflowClient", experiment_id: str, name: str, parent_run_
     return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
-def open_named_run(client: "MlflowClient", experiment_id: str, name: str, *, parent_run_id: str | None,
-                   role: str, tags: Mapping[str, str] | None = None) -> tuple["Run", bool]:
-    """Find the run by (experiment, parent, role, name) or create it; a FINISHED / FAILED / KILLED run is set
-    back to RUNNING. Tag values are masked (coin_ray.redact). Returns (run, reopened).
+def _checked_id(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
+        raise ValueError(f"run keys and ids are hex digits, got {text!r}")
+    return text
 
-    Two processes that open the same name at the same moment may both create one; each then re-reads the
-    runs of that name and keeps the oldest (ties by id), deleting its own if it lost, so both end on one run.
+
+def open_keyed_run(client: "MlflowClient", experiment_id: str, name: str, run_key: str, *,
+                   parent_run_id: str | None, role: str, tags: Mapping[str, str] | None = None) -> tuple["Run", bool]:
+    """Find the run by (experiment, parent, role, run key) or create it (named `name`); a FINISHED / FAILED /
+    KILLED run is set back to RUNNING. Returns (run, reopened).
+
+    Two processes that open the same key at the same moment may both create one; each then re-reads the
+    runs of that key and keeps the oldest (ties by id), deleting its own if it lost, so both end on one run.
     """
     tags = {k: str(v) for k, v in redact(dict(tags or {})).items()}
-    runs = find_runs(client, experiment_id, name, parent_run_id, role)
+    runs = find_runs(client, experiment_id, run_key, parent_run_id, role)
     reopened = bool(runs)
     if runs:
         run = runs[0]
     else:
-        all_tags = {ROLE_TAG: role, **tags}
+        all_tags = {ROLE_TAG: role, RUN_KEY_TAG: run_key, **tags}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         created = client.create_run(experiment_id, tags=all_tags, run_name=name)
-        runs = find_runs(client, experiment_id, name, parent_run_id, role)
+        runs = find_runs(client, experiment_id, run_key, parent_run_id, role)
         run = runs[0] if runs else created
         if run.info.run_id != created.info.run_id:
             client.delete_run(created.info.run_id)

@@ -1,4 +1,4 @@
-"""The sweep (parent) run: opened once per sweep name (a rerun or `--resume` reopens it), holds the search
+"""The sweep (parent) run: opened once per sweep key (a rerun or `--resume` reopens it), holds the search
 space as params, the table of all trials, sweep metrics (`stages_trained`, `stages_reused`, ...) and the
 order-sensitivity analysis as CSV tables and PNG plots under `analysis/`.
 
@@ -7,11 +7,13 @@ These calls run on the driver, synchronously, with bounded retries (tracking._ru
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from coin_ray.redact import redact_text
-from tracking._runs import call_with_retry, finite_metrics, log_params_idempotent, open_named_run
+from coin_ray.redact import redact_params, redact_text
+from tracking._runs import (RETRY_BUDGET_S, call_with_retry, finite_metrics, log_params_idempotent,
+                            open_keyed_run)
 from tracking._uri import get_or_create_experiment, resolve_tracking_uri
 
 if TYPE_CHECKING:
@@ -22,23 +24,29 @@ SWEEP_TAG = "coin_ray.sweep"
 
 
 def open_sweep_run(tracking_uri: str, experiment: str, sweep_name: str, params: Mapping[str, Any] | None = None,
-                   tags: Mapping[str, str] | None = None) -> str:
+                   tags: Mapping[str, str] | None = None, run_key: str | None = None) -> str:
     """The run id of the sweep's parent run (run name = sweep name), created or reopened (RUNNING).
 
-    Params that the run already holds with the same value are skipped; a changed value is kept as a tag
-    `coin_ray.param_conflict.<key>` (MLflow params are immutable). Credentials in params and tags are masked
-    (coin_ray.redact): secret-named keys keep their name with the value ***."""
+    The run is found by `run_key` (tag `coin_ray.run_key`; default: a hash of the name and the params), so
+    a sweep with other params is another run and a param never has two values. Secret-named params are
+    dropped."""
     from mlflow import MlflowClient
+
+    from coin_ray.identity import short_hash
 
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
-    experiment_id = call_with_retry(lambda: get_or_create_experiment(client, uri, experiment), "get experiment")
+    params = redact_params(params or {})
+    key = run_key or short_hash({"name": sweep_name, "params": params})
     all_tags = {SWEEP_TAG: sweep_name, **{k: str(v) for k, v in (tags or {}).items()}}
-    run, _ = call_with_retry(lambda: open_named_run(client, experiment_id, sweep_name, parent_run_id=None,
-                                                    role="sweep", tags=all_tags), "open sweep run")
+    deadline = time.monotonic() + RETRY_BUDGET_S
+    experiment_id = call_with_retry(lambda: get_or_create_experiment(client, uri, experiment), "get experiment",
+                                    deadline=deadline)
+    run, _ = call_with_retry(lambda: open_keyed_run(client, experiment_id, sweep_name, key, parent_run_id=None,
+                                                    role="sweep", tags=all_tags), "open sweep run", deadline=deadline)
     if params:
-        call_with_retry(lambda: log_params_idempotent(client, client.get_run(run.info.run_id),
-                                                      params), "log sweep params")
+        call_with_retry(lambda: log_params_idempotent(client, client.get_run(run.info.run_id), params),
+                        "log sweep params", deadline=deadline)
     return run.info.run_id
 
 
@@ -65,8 +73,6 @@ def log_sweep_artifacts(tracking_uri: str, run_id: str, trials: "pd.DataFrame | 
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
     if metrics:
-        import time
-
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]
         if batch:

@@ -1,7 +1,8 @@
 """`MlflowTracker`: the RunHooks consumer that turns one continual run's events into its MLflow trial run.
 
 Names are a contract (README, "MLflow names"): params `task_order`, `method`, `num_experts`, `rank`, `alpha`,
-`lr`, `seed`, `benchmark`, `data_hash` + the flattened config; per-stage metrics `acc/<Task>`, `gk/<Task>`,
+`lr`, `seed`, `benchmark`, `data_hash` + the flattened config's result-changing fields (the others, such as
+`storage_path`, are tags `coin_ray.setting.<key>`); tag `coin_ray.run_key`; per-stage metrics `acc/<Task>`, `gk/<Task>`,
 `avg_seen_acc`, `avg_seen_gk`, `stage_seconds`, `stage_reused` (step = stage index), `train/loss`
 (step = global optimizer step), `zero_shot/<Task>`, `gk_zero_shot/<Task>`; final `mft`, `mfn`, `maa`, `bwt`,
 `forgetting`, `fwt`, `gk_*`, `stages_reused`; artifacts `eval_matrix.{json,csv,png}`,
@@ -21,7 +22,8 @@ from coin_ray.evaluation.metrics import mean_seen
 from coin_ray.training.hooks import RunInfo, RunResult, StageReport
 from tracking._outbox import Outbox, Write
 from coin_ray.redact import redact, redact_params, redact_text
-from tracking._runs import call_with_retry, finite_metrics, log_params_idempotent, open_named_run
+from tracking._runs import (RETRY_BUDGET_S, call_with_retry, finite_metrics,
+                            log_params_idempotent, open_keyed_run)
 from tracking._uri import get_or_create_experiment, resolve_tracking_uri
 from tracking.matrices import matrix_csv, matrix_payload
 
@@ -41,10 +43,15 @@ def default_spool_dir() -> Path:
     return Path(os.environ.get("COIN_RAY_MLFLOW_SPOOL") or Path.home() / ".coin_ray" / "mlflow_spool")
 
 
+SETTING_TAG_PREFIX = "coin_ray.setting."  # config fields that cannot change a result: mutable tags
+
+
 def trial_params(info: RunInfo) -> dict[str, Any]:
-    """The params of a trial run: the contract names first, then the flattened config, credentials masked
-    (coin_ray.redact: a secret-named key keeps its name with the value ***)."""
-    config = redact_params(info.params)
+    """The params of a trial run: the contract names first, then the flattened config's result-changing
+    fields, credentials masked (coin_ray.redact) (all covered by the run key, so a reopened run holds the same values)."""
+    from coin_ray.identity import result_fields
+
+    config = redact_params(result_fields(info.params))
     params: dict[str, Any] = {"task_order": ">".join(info.order), "benchmark": info.benchmark,
                               "data_hash": info.data_hash}
     for name, key in CONTRACT_PARAMS.items():
@@ -52,6 +59,14 @@ def trial_params(info: RunInfo) -> dict[str, Any]:
             params[name] = config[key]
     params.update({k: v for k, v in config.items() if k not in params})
     return params
+
+
+def trial_setting_tags(info: RunInfo) -> dict[str, str]:
+    """Tags `coin_ray.setting.<key>` for the config fields that do not change a result (storage path, ...)."""
+    from coin_ray.identity import NON_RESULT_FIELDS
+
+    settings = redact_params({k: v for k, v in info.params.items() if k in NON_RESULT_FIELDS and k != "name"})
+    return {SETTING_TAG_PREFIX + k: str(v)[:5000] for k, v in settings.items()}
 
 
 def predictions_jsonl(predictions: Sequence[Mapping[str, Any]], max_per_task: int) -> bytes:
@@ -70,7 +85,8 @@ def predictions_jsonl(predictions: Sequence[Mapping[str, Any]], max_per_task: in
 class MlflowTracker:
     """Log one continual run to its MLflow run (a child of the sweep run when `parent_run_id` is given).
 
-    The run is found by (experiment, parent, run name) and reopened on resume, never duplicated. Writes go
+    The run is found by (experiment, parent, run key) and reopened on resume, never duplicated; the key is
+    `run_key`, by default `coin_ray.identity.run_key` of the run's name, config and data hash. Writes go
     through an asynchronous retrying outbox (tracking/_outbox.py: ordered, batched, retried with backoff,
     spooled to disk if still undelivered at the end), so a slow or dropped server does not stall training.
     Only `on_run_start` talks to MLflow synchronously: it fails before any training when the store is down.
@@ -78,8 +94,8 @@ class MlflowTracker:
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
                  tags: Mapping[str, str] | None = None, log_models: bool = False, *,
-                 max_predictions_per_task: int = 50, flush_timeout_s: float = 300.0,
-                 spool_dir: str | Path | None = None) -> None:
+                 max_predictions_per_task: int = 50, flush_timeout_s: float = 60.0,
+                 spool_dir: str | Path | None = None, run_key: str | None = None) -> None:
         if not run_name:
             raise ValueError("MlflowTracker needs a deterministic, non-empty run_name (e.g. the trial name)")
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
@@ -91,6 +107,7 @@ class MlflowTracker:
         self.max_predictions_per_task = max_predictions_per_task
         self.flush_timeout_s = flush_timeout_s
         self.spool_dir = Path(spool_dir) if spool_dir else default_spool_dir()
+        self.run_key = run_key
         self.run_id: str | None = None
         self.reopened = False
         self.spooled_to: Path | None = None
@@ -105,21 +122,30 @@ class MlflowTracker:
 
     # ---- RunHooks ---------------------------------------------------------------------------------
     def on_run_start(self, info: RunInfo) -> None:
+        """Open the run synchronously (at most `RETRY_BUDGET_S` of retries when the server is down)."""
         from mlflow import MlflowClient
+
+        from coin_ray.identity import run_key
 
         self._order = tuple(info.order)
         self._rows, self._knowledge_rows = [], []
+        self.run_key = self.run_key or run_key(self.run_name, info.params, info.data_hash)
         client = self._client = MlflowClient(self.tracking_uri)
+        deadline = time.monotonic() + RETRY_BUDGET_S
         experiment_id = call_with_retry(
-            lambda: get_or_create_experiment(client, self.tracking_uri, self.experiment), "get experiment")
+            lambda: get_or_create_experiment(client, self.tracking_uri, self.experiment), "get experiment",
+            deadline=deadline)
+        tags = {**self.tags, **trial_setting_tags(info)}
         run, self.reopened = call_with_retry(
-            lambda: open_named_run(client, experiment_id, self.run_name, parent_run_id=self.parent_run_id,
-                                   role="trial", tags=self.tags), "open run")
+            lambda: open_keyed_run(client, experiment_id, self.run_name, self.run_key,
+                                   parent_run_id=self.parent_run_id, role="trial", tags=tags), "open run",
+            deadline=deadline)
         self.run_id = run.info.run_id
         call_with_retry(lambda: log_params_idempotent(client, client.get_run(self.run_id), trial_params(info)),
-                        "log params")
+                        "log params", deadline=deadline)
         if self.reopened:
-            self._logged = call_with_retry(lambda: self._existing_points(run.data.metrics), "read metrics")
+            self._logged = call_with_retry(lambda: self._existing_points(run.data.metrics), "read metrics",
+                                           deadline=deadline)
         self._outbox = Outbox(client, self.run_id, self.spool_dir)
 
     def on_zero_shot(self, scores: dict[str, float | None], knowledge: dict[str, float | None] | None) -> None:
@@ -237,29 +263,33 @@ class MlflowTracker:
             self._artifact(f"{name}.png", figure_png(fig))
 
 
-def mark_run_failed(tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
+def mark_run_failed(tracking_uri: str, experiment: str, run_key: str, parent_run_id: str | None = None,
                     error: BaseException | None = None, status: str = "FAILED") -> str | None:
-    """Mark a trial's run FAILED when the trial died outside the tracker's reach (e.g. a Train worker crash),
-    or KILLED (`status`) when a scheduler such as ASHA stopped it: only a run still RUNNING is changed, so a
-    FINISHED run stays FINISHED. Returns the run id, or None when the run does not exist (the trial failed
-    before opening it)."""
+    """Mark a trial's run (found by its key, `MlflowTracker.run_key`) FAILED when the trial died outside the
+    tracker's reach (e.g. a Train worker crash), or KILLED (`status`) when a scheduler such as ASHA stopped it:
+    only a run still RUNNING is changed, so a FINISHED run stays FINISHED. Returns the run id, or None when
+    the run does not exist (the trial failed before opening it). Retries a down server for at most
+    `RETRY_BUDGET_S` seconds, then raises."""
     from mlflow import MlflowClient
 
     from tracking._runs import find_runs
 
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
-    found = call_with_retry(lambda: client.get_experiment_by_name(experiment), "get experiment")
+    deadline = time.monotonic() + RETRY_BUDGET_S
+    found = call_with_retry(lambda: client.get_experiment_by_name(experiment), "get experiment", deadline=deadline)
     if found is None:
         return None
-    runs = call_with_retry(lambda: find_runs(client, found.experiment_id, run_name, parent_run_id, "trial"),
-                           "find run")
+    runs = call_with_retry(lambda: find_runs(client, found.experiment_id, run_key, parent_run_id, "trial"),
+                           "find run", deadline=deadline)
     if not runs:
         return None
     run = runs[0]
     if run.info.status == "RUNNING":
         if error is not None:
-            message = redact_text(f"{type(error).__name__}: {error}")[:5000]
-            call_with_retry(lambda: client.set_tag(run.info.run_id, "coin_ray.error", message), "set tag")
-        call_with_retry(lambda: client.set_terminated(run.info.run_id, status=status), f"mark {status.lower()}")
+            call_with_retry(lambda: client.set_tag(run.info.run_id, "coin_ray.error",
+                                                   redact_text(f"{type(error).__name__}: {error}")[:5000]), "set tag",
+                            deadline=deadline)
+        call_with_retry(lambda: client.set_terminated(run.info.run_id, status=status), f"mark {status.lower()}",
+                        deadline=deadline)
     return run.info.run_id

@@ -39,12 +39,17 @@ def _sweep_runs(client: "MlflowClient", experiment_id: str) -> list["Run"]:
 
 
 def find_sweep(client: "MlflowClient", experiment_id: str, sweep: str | None) -> "Run | None":
-    """The sweep run named `sweep`, or the most recently started one; None when the experiment has none."""
+    """The sweep run named `sweep`, or the most recently started one; None when the experiment has none.
+    `sweep` may leave out the config-hash suffix the runner appends ("<name>-<6 hex digits>"): the most
+    recent sweep of that name is taken."""
     runs = _sweep_runs(client, experiment_id)
     if sweep is None:
         return runs[0] if runs else None
     for run in runs:
         if run.info.run_name == sweep:
+            return run
+    for run in runs:  # newest first
+        if re.fullmatch(re.escape(sweep) + r"-[0-9a-f]{6}", run.info.run_name or ""):
             return run
     names = sorted({r.info.run_name for r in runs})
     raise ReportError(f"no sweep named {sweep!r}; sweeps in this experiment: {', '.join(names) or 'none'}")
@@ -126,12 +131,15 @@ def _safe(name: str) -> str:
 def build_report(tracking_uri: str, experiment: str, sweep: str | None = None, sort_by: str = "mfn",
                  out: str | Path | None = None) -> str:
     """The report as text; with `out`, also trials.csv, summary.png and one <trial>.png per trial there."""
-    from mlflow import MlflowClient
-
-    from tracking._uri import experiment_runs_url, resolve_tracking_uri
-    from tracking.plots import figure_png, format_table, matrices_figure, summary_figure
+    from tracking._uri import check_tracking_uri, experiment_runs_url, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith(("http://", "https://")):  # a server that is down: one clear line in seconds, not minutes
+        check_tracking_uri(uri, timeout_s=5)  # (before the heavy imports below)
+    from mlflow import MlflowClient
+
+    from tracking.plots import figure_png, format_table, matrices_figure, summary_figure
+
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -190,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sort-by", default="mfn", help="metric to sort by, best first (default: %(default)s)")
     parser.add_argument("--out", help="folder for trials.csv, summary.png and per-trial matrix heatmaps")
     args = parser.parse_args(argv)
+    from tracking._uri import TrackingUnavailableError
+
     try:
         print(redact_text(build_report(args.tracking_uri, args.experiment, args.sweep, args.sort_by, args.out)))
-    except ReportError as error:
+    except (ReportError, TrackingUnavailableError) as error:
         print(f"error: {redact_text(str(error))}", file=sys.stderr)
         return 2
     return 0

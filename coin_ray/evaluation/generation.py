@@ -62,8 +62,11 @@ def evaluate_task(model: torch.nn.Module, processor: Any, task: str, split_dir: 
                   batch_size: int, device: torch.device, rank: int = 0, world: int = 1,
                   max_rows: int | None = None, judge: Any = None, max_predictions: int = 20,
                   autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """One evaluation cell: mean task score in [0, 1] over the split, the mean judge score (or None),
-    judge failures, and up to `max_predictions` sample predictions."""
+    """One evaluation cell: mean task score in [0, 1] over the split, the mean judge score, judge failures, and
+    up to `max_predictions` sample predictions.
+
+    A knowledge score exists only when the judge rated every reply: with any failure (judge down, unparseable
+    answer) `knowledge` is None and `knowledge_error` says why; the instruction score is kept either way."""
     from coin_ray.models import generate_batch
 
     spec = get_task(task)
@@ -87,6 +90,8 @@ def evaluate_task(model: torch.nn.Module, processor: Any, task: str, split_dir: 
                              [_reference_text(r["reference"]) for r in rows], [r["prediction"] for r in rows])
         for r, s in zip(rows, result.scores):
             r["knowledge"] = s
+            if s is None:
+                r["knowledge_error"] = result.errors[0] if result.errors else "not judged"
     rows = _gather(rows, world)
     rows.sort(key=lambda r: r["question_id"])
     ids = [r["question_id"] for r in rows]
@@ -96,15 +101,19 @@ def evaluate_task(model: torch.nn.Module, processor: Any, task: str, split_dir: 
                            "test question ids must be unique within a split")
     scores = [r["score"] for r in rows]
     knowledge = [r.get("knowledge") for r in rows] if judge is not None else []
-    judged = [k for k in knowledge if k is not None]
-    return {
+    failed = [r for r in rows if judge is not None and r.get("knowledge") is None]
+    cell = {
         "task": task,
         "n": len(rows),
         "score": float(np.mean(scores)) if scores else None,
-        "knowledge": float(np.mean(judged)) if judged else None,
-        "knowledge_failures": len(knowledge) - len(judged),
+        "knowledge": float(np.mean(knowledge)) if knowledge and not failed else None,
+        "knowledge_failures": len(failed),
         "predictions": [{**r, "task": task} for r in rows[:max_predictions]],
     }
+    if failed:
+        cell["knowledge_error"] = (f"the {getattr(judge, 'name', 'knowledge')} judge could not rate "
+                                   f"{len(failed)} of {len(rows)} replies; first error: {failed[0]['knowledge_error']}")
+    return cell
 
 
 def _reference_text(reference: Any) -> str:

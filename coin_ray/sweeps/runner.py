@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,13 @@ SEED_KEY = "seed"
 HP_PREFIX = "hp."
 
 
-def trial_name(order: Sequence[str], seed: int, hparams: dict[str, Any] | None = None) -> str:
-    """Deterministic trial / MLflow run name: "<A>B>C>-s<seed>[-<hp=v,...>]"."""
+def trial_name(order: Sequence[str], seed: int, hparams: dict[str, Any] | None = None, config_hash: str = "") -> str:
+    """Deterministic trial / MLflow run name: "<A>B>C>-s<seed>[-<hp=v,...>][-<config hash, 6 digits>]"."""
     name = f"{'>'.join(order)}-s{seed}"
     if hparams:
         name += "-" + ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(hparams.items()))
+    if config_hash:
+        name += f"-{config_hash[:6]}"
     return name
 
 
@@ -35,8 +36,10 @@ def safe_dirname(name: str) -> str:
     return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
-def trial_config(base: dict[str, Any], config: dict[str, Any]) -> ExperimentConfig:
-    """The trial's ExperimentConfig from the sweep's base config and Tune's sampled values."""
+def trial_config(base: dict[str, Any], config: dict[str, Any], data_hash: str = "") -> ExperimentConfig:
+    """The trial's ExperimentConfig from the sweep's base config and Tune's sampled values; its name carries
+    the hash of every result-changing field and of the data (`coin_ray.identity.config_hash`)."""
+    from coin_ray.identity import config_hash
     from coin_ray.sweeps.designs import decode_random_keys
 
     cfg = ExperimentConfig.from_dict(base)
@@ -55,7 +58,8 @@ def trial_config(base: dict[str, Any], config: dict[str, Any]) -> ExperimentConf
         e = int(changes.get("tuner.num_experts", cfg.tuner.num_experts))
         r = int(changes.get("tuner.rank", cfg.tuner.rank))
         changes["tuner.rank"] = max(e, r - r % e)
-    return cfg.replace(order=list(order), name=trial_name(order, seed, hparams), **{"train.seed": seed}, **changes)
+    cfg = cfg.replace(order=list(order), **{"train.seed": seed}, **changes)
+    return cfg.replace(name=trial_name(order, seed, hparams, config_hash(cfg.flatten(), data_hash)))
 
 
 def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: dict[str, Any],
@@ -64,14 +68,18 @@ def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: d
     (TuneReportCallback), so schedulers such as ASHA can stop a trial between stages."""
     from coin_ray.training import run_continual
 
-    cfg = trial_config(base, config)
+    from coin_ray.identity import run_key
+
+    cfg = trial_config(base, config, prepared["data_hash"])
+    key = run_key(cfg.name, cfg.flatten(), prepared["data_hash"])
     hooks_factory = None
     if tracking is not None:
         from tracking import MlflowTracker
 
         hooks_factory = functools.partial(
             MlflowTracker, tracking["tracking_uri"], tracking["experiment"], cfg.name,
-            parent_run_id=tracking.get("parent_run_id"), tags={"coin_ray.sweep": tracking.get("sweep", "")})
+            parent_run_id=tracking.get("parent_run_id"), tags={"coin_ray.sweep": tracking.get("sweep", "")},
+            run_key=key, spool_dir=tracking.get("spool_dir"))
     from ray.tune.integration.ray_train import TuneReportCallback
 
     try:
@@ -80,7 +88,7 @@ def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: d
         if tracking is not None:
             from tracking import mark_run_failed
 
-            mark_run_failed(tracking["tracking_uri"], tracking["experiment"], cfg.name,
+            mark_run_failed(tracking["tracking_uri"], tracking["experiment"], key,
                             parent_run_id=tracking.get("parent_run_id"))
         raise
 
@@ -112,11 +120,23 @@ class SweepOutcome:
     storage: Path
 
 
+def sweep_key(spec: SweepSpec, data_hash: str) -> str:
+    """What identifies a sweep: its given name, the hash of its base config and data, and its params (design,
+    search space, ...), so a sweep run never holds two values of one param."""
+    from coin_ray.identity import config_hash, short_hash
+
+    return short_hash({"name": spec.name, "config_hash": config_hash(spec.base.flatten(), data_hash),
+                       "params": spec.sweep_params})
+
+
 def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
+    """Run the sweep's trials. `spec.name` becomes "<name>-<6 digits of sweep_key>": the Tune experiment
+    folder and the MLflow sweep run of a sweep with another config are other ones."""
     import ray.tune as tune
     from ray.tune import RunConfig, TuneConfig, Tuner
 
-    from coin_ray.training import load_run_result
+    from coin_ray.identity import run_key
+    from coin_ray.training.continual import NoRunResult, load_run_result
 
     cfg = spec.base
     if cfg.scaling.num_workers < 1:
@@ -124,6 +144,9 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
 
         raise RunSetupError("a sweep needs --workers-per-trial >= 1: in-process runs (0) cannot run inside Ray Tune; "
                          "use coin_ray.training.run_continual directly to debug in-process")
+    data_hash = prepared["data_hash"]
+    key = sweep_key(spec, data_hash)
+    spec.name = f"{spec.name}-{key[:6]}"
     storage = Path(cfg.storage_path).resolve()
     tracking = None
     sweep_run_id = experiment_id = None
@@ -134,9 +157,11 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
         cfg = cfg.replace(**{"tracking.tracking_uri": resolve_tracking_uri(cfg.tracking.tracking_uri)})
         spec.base = cfg
         sweep_run_id = open_sweep_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, spec.name,
-                                      params=spec.sweep_params, tags={"coin_ray.sweep": spec.name})
+                                      params=spec.sweep_params, tags={"coin_ray.sweep": spec.name}, run_key=key)
         tracking = {"tracking_uri": cfg.tracking.tracking_uri, "experiment": cfg.tracking.experiment,
-                    "parent_run_id": sweep_run_id, "sweep": spec.name}
+                    "parent_run_id": sweep_run_id, "sweep": spec.name,
+                    # undelivered MLflow writes stay beside the results (shared storage on a cluster)
+                    "spool_dir": str(storage / "mlflow_spool")}
     from coin_ray.training.continual import with_train_datasets
 
     prepared = with_train_datasets(cfg, prepared)  # read small train splits once for every trial
@@ -154,25 +179,29 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
             # metric/mode live on the search algorithm and the scheduler (Tune refuses them in both places)
             tune_config=TuneConfig(num_samples=spec.num_samples, search_alg=spec.search_alg,
                                    scheduler=spec.scheduler, max_concurrent_trials=spec.max_concurrent_trials,
-                                   trial_name_creator=lambda t: _trial_name_of(cfg, t.config),
-                                   trial_dirname_creator=lambda t: safe_dirname(_trial_name_of(cfg, t.config))),
+                                   trial_name_creator=lambda t: _trial_name_of(cfg, t.config, data_hash),
+                                   trial_dirname_creator=lambda t: safe_dirname(
+                                       _trial_name_of(cfg, t.config, data_hash))),
             run_config=RunConfig(name=spec.name, storage_path=str(tune_path), verbose=spec.verbose),
         )
     grid = tuner.fit()
 
     trials: list[dict[str, Any]] = []
     for res in grid:
-        tcfg = trial_config(cfg.to_dict(), res.config)
+        tcfg = trial_config(cfg.to_dict(), res.config, data_hash)
         row: dict[str, Any] = {"name": tcfg.name, "order": tcfg.order, "seed": tcfg.train.seed,
                                "method": tcfg.tuner.method, "num_experts": tcfg.tuner.num_experts,
                                "rank": tcfg.tuner.rank, "alpha": tcfg.tuner.alpha, "lr": tcfg.train.lr,
+                               "run_key": run_key(tcfg.name, tcfg.flatten(), data_hash),
                                "status": "ERROR" if res.error else "TERMINATED",
                                "error": error_summary(res.error) if res.error else None}
         try:
-            rr = load_run_result(tcfg)
+            if res.error:  # whatever result.json holds, this trial did not produce it
+                raise NoRunResult(f"trial {tcfg.name} failed: {res.error}")
+            rr = load_run_result(tcfg, data_hash)
             row.update(matrix=rr.matrix, knowledge_matrix=rr.knowledge_matrix, metrics=rr.metrics,
                        stages_reused=len(rr.stages_reused), zero_shot=rr.zero_shot)
-        except FileNotFoundError:  # stopped early (ASHA) or failed: keep what Tune saw
+        except NoRunResult:  # stopped early (ASHA) or failed: keep what Tune saw
             row.update(matrix=None, metrics={k: v for k, v in (res.metrics or {}).items()
                                              if isinstance(v, (int, float))}, stages_reused=0,
                        status="STOPPED" if not res.error else "ERROR")
@@ -182,7 +211,7 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
 
         for t in trials:
             if t["matrix"] is None:
-                mark_run_failed(tracking["tracking_uri"], tracking["experiment"], t["name"],
+                mark_run_failed(tracking["tracking_uri"], tracking["experiment"], t["run_key"],
                                 parent_run_id=sweep_run_id, status="KILLED" if t["status"] == "STOPPED" else "FAILED")
     finished = [t for t in trials if t["matrix"] is not None]
     stages_total = sum(len(t["order"]) for t in finished)
@@ -215,8 +244,8 @@ def error_summary(error: BaseException) -> str:
     return f"{type(inner).__name__}: {first}" if first else type(inner).__name__
 
 
-def _trial_name_of(cfg: ExperimentConfig, config: dict[str, Any]) -> str:
-    return trial_config(cfg.to_dict(), config).name
+def _trial_name_of(cfg: ExperimentConfig, config: dict[str, Any], data_hash: str) -> str:
+    return trial_config(cfg.to_dict(), config, data_hash).name
 
 
 def trials_table(trials: list[dict[str, Any]]):
@@ -235,6 +264,3 @@ def trials_table(trials: list[dict[str, Any]]):
     return df.dropna(axis=1, how="all")
 
 
-def dump_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, default=str))

@@ -5,8 +5,6 @@
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +15,10 @@ from coin_ray.training.hooks import RunHooks, RunResult
 
 class RunSetupError(UserError):
     """The run cannot start (bad data, unplaceable resources); raised before any training."""
+
+
+class NoRunResult(FileNotFoundError):
+    """`runs/<name>/result.json` is absent, torn, or was written by a run of another config."""
 
 
 def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -78,7 +80,9 @@ def ensure_synthetic_benchmark(storage: Path, **options: Any) -> Path:
 
 
 def _short_hash(material: Any) -> str:
-    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    from coin_ray.identity import short_hash
+
+    return short_hash(material, digits=16)
 
 
 def with_train_datasets(cfg: ExperimentConfig, prepared: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +226,7 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
                                   execution_options=ExecutionOptions(preserve_order=True)),
     )
     trainer.fit()
-    return load_run_result(cfg)
+    return load_run_result(cfg, prepared["data_hash"])
 
 
 def _train_env_defaults() -> None:
@@ -237,9 +241,24 @@ def _train_env_defaults() -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-def load_run_result(cfg: ExperimentConfig) -> RunResult:
+def load_run_result(cfg: ExperimentConfig, data_hash: str) -> RunResult:
+    """The finished result of exactly this config and data (its run key is checked); NoRunResult otherwise."""
+    import dataclasses
+
+    from coin_ray._files import read_json
+    from coin_ray.identity import run_key
+
     path = Path(cfg.storage_path).resolve() / "runs" / cfg.name / "result.json"
-    d = json.loads(path.read_text())
-    d["order"] = tuple(d["order"])
-    d["stages_reused"] = tuple(d["stages_reused"])
-    return RunResult(**d)
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise NoRunResult(f"no finished result at {path}" + (" (torn or not JSON)" if path.exists() else ""))
+    expected = run_key(cfg.name, cfg.flatten(), data_hash)
+    if d.pop("run_key", None) != expected:
+        raise NoRunResult(f"{path} was written by a run of another config (run key differs from {expected})")
+    known = {f.name for f in dataclasses.fields(RunResult)}
+    try:
+        d["order"] = tuple(d["order"])
+        d["stages_reused"] = tuple(d["stages_reused"])
+        return RunResult(**{k: v for k, v in d.items() if k in known})
+    except (KeyError, TypeError) as error:
+        raise NoRunResult(f"{path} is not a run result ({error})") from None

@@ -206,7 +206,12 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
         the trial the moment it sees that report (ASHA stops every trial that reaches max_t)."""
         hooks.on_run_end(result)
         if env.rank == 0:
-            (run_dir / "result.json").write_text(json.dumps(_result_dict(result), indent=1))
+            from coin_ray._files import write_json_atomic
+            from coin_ray.identity import run_key
+
+            # the run key lets a reader tell this config's result from another's (load_run_result)
+            write_json_atomic(run_dir / "result.json",
+                              {**_result_dict(result), "run_key": run_key(cfg.name, cfg.flatten(), data["data_hash"])})
         completed.append(result)
 
     try:
@@ -244,6 +249,8 @@ def _run_stages(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, s
         for task in order:
             cell_name = eval_cell_name(task, cfg)
             cell = StageStore.read_eval(entry_path, cell_name)
+            if cell is not None and judge is not None and _judge_failed(cell):
+                cell = None  # stored by an older version with judge failures: judge again
             if cell is None:
                 ensure_loaded()
                 from coin_ray.evaluation.generation import evaluate_task
@@ -253,8 +260,11 @@ def _run_stages(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, s
                                      world=env.world, max_rows=cfg.data.max_test_rows, judge=judge,
                                      max_predictions=cfg.eval.max_predictions_logged,
                                      autocast_dtype=autocast_dtype)
-                if env.rank == 0:
+                if env.rank == 0 and not _judge_failed(cell):  # a failure is never cached: next run judges again
                     StageStore.write_eval(entry_path, cell_name, cell)
+                if env.rank == 0 and cell.get("knowledge_error"):
+                    print(f"[coin-ray] {cfg.name}: no knowledge score for {task}: {cell['knowledge_error']}",
+                          flush=True)
             scores[task] = cell["score"]
             knowledge[task] = cell.get("knowledge")
             predictions += cell.get("predictions", [])
@@ -329,7 +339,9 @@ def _run_stages(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, s
             kmatrix.append([knowledge[t] for t in order])
         stages_index.append({"stage": k, "task": task, "key": key, "path": str(entry.path), "reused": k in reused})
         if env.rank == 0:
-            (run_dir / "stages.json").write_text(json.dumps(stages_index, indent=1))
+            from coin_ray._files import write_json_atomic
+
+            write_json_atomic(run_dir / "stages.json", stages_index)
         report = StageReport(stage=k, task=task, scores=scores, knowledge=knowledge, train_losses=losses,
                              predictions=predictions, reused=k in reused, seconds=time.time() - started)
         hooks.on_stage_end(report)
@@ -351,11 +363,19 @@ def _run_stages(cfg: ExperimentConfig, config: dict[str, Any], env: WorkerEnv, s
     return result
 
 
+def _judge_failed(cell: dict[str, Any]) -> bool:
+    """A cell whose knowledge score is missing because the judge failed (not because it has no rows)."""
+    return bool(cell.get("knowledge_error") or cell.get("knowledge_failures"))
+
+
 def _final_metrics(matrix, zero_shot, kmatrix, kzero) -> dict[str, float]:
+    """CL metrics of the instruction matrix; gk_* of the knowledge matrix only when every cell they need was
+    judged (a failed judge leaves null cells: those metrics are then undefined, not 0)."""
     n = len(matrix)
     metrics = dict(cl_metrics(_square(matrix), zero_shot=zero_shot[:n] if zero_shot else None))
-    if kmatrix:
-        gk = cl_metrics(_square(kmatrix), zero_shot=kzero[:n] if kzero else None)
+    if kmatrix and all(kmatrix[i][j] is not None for i in range(n) for j in range(i + 1)):
+        kz = kzero[:n] if kzero and all(v is not None for v in kzero[1:n]) else None
+        gk = cl_metrics(_square(kmatrix), zero_shot=kz)
         metrics.update({f"gk_{k}": v for k, v in gk.items()})
     return {k: float(v) for k, v in metrics.items()}
 

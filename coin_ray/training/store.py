@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+from coin_ray._files import read_json, write_json_atomic
+
 STORE_VERSION = 1
 READ_ATTEMPTS = 4  # tries of a read that fails with a transient OSError
 READ_RETRY_S = (0.05, 0.2, 0.5)  # sleeps between them
@@ -122,8 +124,9 @@ class Pruned:
 
 def stage_key(material: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of everything that determines a stage's result (first 24 hex digits)."""
-    blob = json.dumps({"store_version": STORE_VERSION, **material}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    from coin_ray.identity import short_hash
+
+    return short_hash({"store_version": STORE_VERSION, **material})
 
 
 def _sha256(path: Path) -> str:
@@ -132,12 +135,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -285,18 +282,13 @@ class StageStore:
     # ---- evaluation cells ---------------------------------------------------------------------------
     @staticmethod
     def read_eval(entry_path: Path, task: str) -> dict[str, Any] | None:
-        path = entry_path / "eval" / f"{task}.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+        cell = read_json(entry_path / "eval" / f"{task}.json")
+        return cell if isinstance(cell, dict) else None
 
     @staticmethod
     def write_eval(entry_path: Path, task: str, cell: dict[str, Any]) -> None:
         (entry_path / "eval").mkdir(exist_ok=True)
-        _write_json_atomic(entry_path / "eval" / f"{task}.json", cell)
+        write_json_atomic(entry_path / "eval" / f"{task}.json", cell)
 
     # ---- housekeeping -------------------------------------------------------------------------------
     def scan(self) -> list[StoreItem]:

@@ -69,6 +69,11 @@ class LLMJudge:
     exponential backoff (`backoff_s`, doubled per attempt, or the server's Retry-After); other HTTP
     errors and malformed or unparseable answers fail at once, since a deterministic judge would
     repeat them. `seed=None` leaves the seed out for servers that reject it.
+
+    One `score` call (one evaluation cell) is bounded: after `max_consecutive_failures` replies in a
+    row that could not be judged, the judge is not called again for the rest of the call (one warning
+    line; the rest count as failures), and no request starts after `budget_s` seconds, so a judge that
+    never answers costs at most about `budget_s` per cell.
     """
 
     name = "llm"
@@ -76,7 +81,7 @@ class LLMJudge:
     def __init__(self, base_url: str, model: str, api_key: str | None = None, temperature: float = 0.0,
                  seed: int | None = 0, timeout_s: float = 30.0, max_retries: int = 3, concurrency: int = 8,
                  backoff_s: float = 0.5, max_tokens: int = 20, system_prompt: str = JUDGE_SYSTEM_PROMPT,
-                 rubric: str = JUDGE_RUBRIC) -> None:
+                 rubric: str = JUDGE_RUBRIC, max_consecutive_failures: int = 3, budget_s: float = 120.0) -> None:
         problems = []
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             problems.append(f"base_url must start with http:// or https://, got {base_url!r}: "
@@ -95,6 +100,10 @@ class LLMJudge:
             problems.append(f"backoff_s must be >= 0, got {backoff_s}")
         if not (isinstance(max_tokens, int) and max_tokens >= 1):
             problems.append(f"max_tokens must be an int >= 1, got {max_tokens!r}: CoIN used 20")
+        if not (isinstance(max_consecutive_failures, int) and max_consecutive_failures >= 1):
+            problems.append(f"max_consecutive_failures must be an int >= 1, got {max_consecutive_failures!r}")
+        if not budget_s > 0:
+            problems.append(f"budget_s must be > 0, got {budget_s}: the most seconds one evaluation cell may judge")
         if problems:
             raise ValueError("invalid llm judge options:\n  - " + "\n  - ".join(problems))
         root = base_url.rstrip("/")
@@ -109,6 +118,8 @@ class LLMJudge:
         self.max_tokens = max_tokens
         self.system_prompt = system_prompt
         self.rubric = rubric
+        self.max_consecutive_failures = max_consecutive_failures
+        self.budget_s = float(budget_s)
         self._api_key = api_key or next((os.environ[v] for v in API_KEY_ENV_VARS if os.environ.get(v)), None)
 
     def __repr__(self) -> str:
@@ -130,8 +141,12 @@ class LLMJudge:
         sessions: list[requests.Session] = []
         local = threading.local()
         lock = threading.Lock()
+        breaker = _Breaker(self.max_consecutive_failures, time.monotonic() + self.budget_s)
 
         def judge(i: int) -> None:
+            if breaker.open():
+                errors[i] = f"item {i}: not sent: {breaker.reason}"
+                return
             session = getattr(local, "session", None)
             if session is None:
                 session = local.session = requests.Session()
@@ -139,9 +154,10 @@ class LLMJudge:
                     sessions.append(session)
             messages = build_judge_messages(questions[i], references[i], replies[i],
                                             system_prompt=self.system_prompt, rubric=self.rubric)
-            scores[i], error = self._judge_one(session, messages)
+            scores[i], error = self._judge_one(session, messages, breaker)
             if error is not None:
                 errors[i] = f"item {i}: {error}"
+            breaker.record(error)
 
         try:
             if pending:
@@ -152,13 +168,18 @@ class LLMJudge:
             for session in sessions:
                 session.close()
         result = JudgeResult.from_outcomes(scores, [errors[i] for i in sorted(errors)])
-        if result.failures:
+        if breaker.tripped:
+            log.warning("llm judge at %s: %s, so it was not called again for this cell; %d of %d replies not "
+                        "judged; first error: %s", self.url, breaker.reason, result.failures, len(replies),
+                        result.errors[0] if result.errors else "none")
+        elif result.failures:
             log.warning("llm judge: %d of %d replies could not be judged; first error: %s",
                         result.failures, len(replies), result.errors[0])
         return result
 
     # -- one request, with retries ---------------------------------------------------------------
-    def _judge_one(self, session: requests.Session, messages: list[dict[str, str]]) -> tuple[float | None, str | None]:
+    def _judge_one(self, session: requests.Session, messages: list[dict[str, str]],
+                   breaker: "_Breaker | None" = None) -> tuple[float | None, str | None]:
         payload: dict[str, Any] = {"model": self.model, "messages": messages,
                                    "temperature": self.temperature, "max_tokens": self.max_tokens}
         if self.seed is not None:
@@ -168,8 +189,12 @@ class LLMJudge:
         last_error = "no attempt made"
         for attempt in range(attempts):
             wait = self.backoff_s * (2 ** attempt)
+            left = breaker.seconds_left() if breaker is not None else self.timeout_s
+            if attempt > 0 and (left <= 0 or (breaker is not None and breaker.open())):
+                return None, f"{last_error}; gave up after {attempt} attempt(s) ({breaker.reason or 'budget spent'})"
             try:
-                response = session.post(self.url, json=payload, headers=headers, timeout=self.timeout_s)
+                response = session.post(self.url, json=payload, headers=headers,
+                                        timeout=max(0.1, min(self.timeout_s, left)))
             except _RETRY_EXCEPTIONS as exc:
                 kind = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
                 last_error = f"{kind} ({type(exc).__name__}: {self._redact(str(exc))[:_BODY_CHARS]})"
@@ -185,7 +210,7 @@ class LLMJudge:
                 last_error = f"HTTP {status}: {body!r}"
                 wait = max(wait, _retry_after(response))
             if attempt + 1 < attempts:
-                time.sleep(wait)
+                time.sleep(max(0.0, min(wait, breaker.seconds_left() if breaker is not None else wait)))
         return None, f"{last_error}; gave up after {attempts} attempt(s)"
 
     def _read_rating(self, response: requests.Response) -> tuple[float | None, str | None]:
@@ -201,6 +226,35 @@ class LLMJudge:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._api_key, "***") if self._api_key else text
+
+
+class _Breaker:
+    """Shared by the threads of one `score` call: opens after `limit` consecutive failures or at `deadline`."""
+
+    def __init__(self, limit: int, deadline: float) -> None:
+        self.limit, self.deadline = limit, deadline
+        self.consecutive = 0
+        self.tripped = False
+        self.reason = ""
+        self._lock = threading.Lock()
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def open(self) -> bool:
+        with self._lock:
+            if not self.tripped and self.seconds_left() <= 0:
+                self.tripped, self.reason = True, "its time budget for this cell is spent"
+            return self.tripped
+
+    def record(self, error: str | None) -> None:
+        with self._lock:
+            if error is None:
+                self.consecutive = 0
+                return
+            self.consecutive += 1
+            if not self.tripped and self.consecutive >= self.limit:
+                self.tripped, self.reason = True, f"{self.consecutive} replies in a row could not be judged"
 
 
 def _retry_after(response: requests.Response) -> float:
