@@ -253,7 +253,7 @@ def test_error_summary_finds_the_workers_error_line():
 
 # ---- the continual loop on real checkpoint folders (Ray Data serves the shards) --------------------------------
 
-def _finite_adapters(storage: Path, stages: list[dict]) -> bool:
+def _finite_adapters(stages: list[dict]) -> bool:
     from safetensors.torch import load_file
 
     from coin_ray.tuners import TUNER_WEIGHTS_NAME
@@ -281,7 +281,7 @@ def test_continual_run_on_half_precision_checkpoints(ray_cluster, checkpoints, t
         for s in stages:
             losses = json.loads((Path(s["path"]) / "checkpoint" / "train_losses.json").read_text())
             assert len(losses) == 6 and all(math.isfinite(loss) for _, loss in losses)
-        assert _finite_adapters(tmp_path, stages)
+        assert _finite_adapters(stages)
 
 
 @pytest.mark.integration
@@ -339,7 +339,7 @@ def test_sweep_on_a_float16_folder_and_a_failing_trial_exits_non_zero(tmp_path):
     for s in stages:
         losses = json.loads((Path(s["path"]) / "checkpoint" / "train_losses.json").read_text())
         assert losses and all(math.isfinite(loss) for _, loss in losses)
-    assert _finite_adapters(tmp_path, stages)
+    assert _finite_adapters(stages)
 
     store = tmp_path / "runs" / "stage_store"
     entries_before = sorted(p.name for p in store.iterdir() if (p / "meta.json").is_file())

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from coin_ray.errors import UserError
+from coin_ray.models._precision import TORCH_DTYPES
 from coin_ray.models._tokenizer import build_tokenizer
 
 __all__ = ["ModelSourceError", "SUPPORTED_FAMILIES", "build_processor", "build_tiny_vlm", "build_vlm",
@@ -37,8 +38,9 @@ PROMPT_ATTR = "coin_prompt"  # on a processor: "vicuna_v1" or "checkpoint" (see 
 class ModelSourceError(UserError):
     """model.source is not a usable checkpoint folder of a supported image-text family."""
 
-_DTYPES = {"auto": "auto", "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+# the config's names (coin_ray.models._precision) and torch's long ones
+_DTYPES = {"auto": "auto", **TORCH_DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
 
 
 def build_tiny_vlm(

@@ -70,14 +70,6 @@ def resolve_autocast(precision: str, base_dtype: torch.dtype, device: torch.devi
     return dtype
 
 
-def _is_adapter_layer(module: nn.Module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from coin_ray.tuners.moelora import MoELoRALinear
-
-    return isinstance(module, (MoELoRALinear, BaseTunerLayer))
-
-
 def _cast_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
     dtype = module.coin_master_dtype
     first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
@@ -103,6 +95,8 @@ def fp32_master_weights(model: nn.Module) -> int:
     activations of another dtype (the projector over a bf16 vision tower, say) gets a forward pre-hook that casts
     its floating inputs to float32 and a forward hook that casts its output back to the input's dtype.
     """
+    from coin_ray.tuners._apply import _is_adapter_layer
+
     adapter_parts: set[int] = set()
     for module in model.modules():
         if _is_adapter_layer(module):

@@ -175,16 +175,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="use this built-in architecture instead of the config's model.source folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = p.parse_args(argv)
-    import yaml
+    from coin_ray.config import ExperimentConfig, load_yaml_file, parse_override
 
-    from coin_ray.config import ExperimentConfig
-
-    raw: dict[str, Any] = {}
-    for section, value in (yaml.safe_load(Path(args.config).read_text()) or {}).items():
-        raw.update({f"{section}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {section: value})
+    # the same YAML reader and --set typing as the sweep scripts; dotted overrides after the sections win
+    raw: dict[str, Any] = dict(load_yaml_file(args.config))
     for pair in args.set:
         key, _, value = pair.partition("=")
-        raw[key] = yaml.safe_load(value)
+        raw[key.strip()] = parse_override(key.strip(), value)
     cfg = ExperimentConfig.from_dict(raw)
     est = estimate_for_config(cfg, llava_1_5_7b_config() if args.shape else None)
     print(est.line())
