@@ -309,13 +309,7 @@ def test_cli_reports_input_errors_without_traceback(tmp_path: Path, capsys) -> N
 
 
 # ---------------------------------------------------------------- integration tier: real Ray
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+# (the session's `ray_cluster` from conftest.py: a second ray.init here fails once another module started it)
 
 
 @pytest.fixture(scope="module")

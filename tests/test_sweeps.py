@@ -76,10 +76,14 @@ def test_task_order_smoke_sweep_cache_and_mlflow(tmp_path):
                     str(tmp_path / "runs-uncached"), *TINY, cwd=tmp_path)
     assert uncached.returncode == 0, uncached.stderr[-3000:]
     assert "stages trained: 18, stages reused from the stage store: 0" in uncached.stdout
-    cached_results = {p.parent.name: json.loads(p.read_text())["matrix"]
-                      for p in (tmp_path / "runs" / "runs").glob("*/result.json")}
-    uncached_results = {p.parent.name: json.loads(p.read_text())["matrix"]
-                        for p in (tmp_path / "runs-uncached" / "runs").glob("*/result.json")}
+    # keyed by order (one seed): the folder names also carry the config hash, which takes in the data hash, and
+    # the preprocessing hash records where the generated benchmark lies (another storage path here)
+    def by_order(root):
+        results = [json.loads(p.read_text()) for p in (root / "runs").glob("*/result.json")]
+        return {">".join(r["order"]): r["matrix"] for r in results}
+
+    cached_results, uncached_results = by_order(tmp_path / "runs"), by_order(tmp_path / "runs-uncached")
+    assert len(cached_results) == 6
     assert cached_results and cached_results == uncached_results
 
 
