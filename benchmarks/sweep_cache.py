@@ -32,9 +32,9 @@ def main() -> None:
     import ray.tune as tune
 
     from coin_ray.config import ExperimentConfig
-    from coin_ray.sweeps.cli import default_concurrency
-    from coin_ray.sweeps.designs import all_orders, distinct_prefixes, schedule_for_sharing
-    from coin_ray.sweeps.runner import SweepSpec, run_sweep
+    from coin_ray.studies.cli import default_concurrency
+    from coin_ray.studies.designs import all_orders, distinct_prefixes, schedule_for_sharing
+    from coin_ray.studies.runner import SweepSpec, run_sweep
     from coin_ray.tasks import TASK_NAMES
     from coin_ray.training import prepare_data
 

@@ -1,5 +1,5 @@
 """Calibration of the built-in synthetic benchmark: is every task learnable, is forgetting partial, and does
-the task order matter more than the seed? (issue 8; the sweep presets in coin_ray/sweeps/cli.py are tuned
+the task order matter more than the seed? (issue 8; the sweep presets in coin_ray/studies/cli.py are tuned
 with it.)
 
 For each tuning method (LoRA, MoELoRA) on the tiny model with a preset's budgets it
@@ -85,7 +85,7 @@ def calibrate(method: str, preset: str, tasks: Sequence[str], seeds: int, n_orde
               overrides: dict[str, Any], use_stage_cache: bool = True) -> dict[str, Any]:
     """Single-task runs + every order x seed for one method; prints as it goes, returns the summary."""
     from coin_ray.config import ExperimentConfig
-    from coin_ray.sweeps.cli import PRESETS
+    from coin_ray.studies.cli import PRESETS
     from coin_ray.training import prepare_data, run_continual
 
     raw = {**PRESETS[preset], "order": list(tasks), "storage_path": str(storage), "scaling.num_workers": 0,
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = p.parse_args(argv)
 
-    from coin_ray.sweeps.cli import parse_overrides
+    from coin_ray.studies.cli import parse_overrides
 
     preset = args.preset or ("smoke" if args.smoke_test else "default")
     methods = (args.methods or ("moelora" if args.smoke_test else "lora,moelora")).split(",")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from coin_ray.sweeps import cli  # noqa: E402
+from coin_ray.studies import cli  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,8 +64,8 @@ def main(argv=None) -> None:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from coin_ray.sweeps.report import finish_sweep, preflight, prepare
-    from coin_ray.sweeps.runner import SweepSpec, run_sweep
+    from coin_ray.studies.lifecycle import finish_sweep, preflight, prepare
+    from coin_ray.studies.runner import SweepSpec, run_sweep
 
     space: dict = {"hp.tuner.num_experts": tune.choice(experts), "hp.tuner.rank": tune.choice(ranks)}
     if alphas:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from coin_ray.sweeps import cli  # noqa: E402
+from coin_ray.studies import cli  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def plan(args: argparse.Namespace):
     """The sweep's base config, design, count and orders (None for optuna) from the flags: every check of the
     user's input, before Ray is imported or started."""
-    from coin_ray.sweeps import designs
+    from coin_ray.studies import designs
 
     cfg = cli.build_base_config(args, default_experiment="coin-ray-task-order")
     design = args.design or (["all"] if args.smoke_test else ["latin"])
@@ -59,7 +59,7 @@ def plan(args: argparse.Namespace):
 
 
 def main(argv=None) -> None:
-    from coin_ray.sweeps import designs
+    from coin_ray.studies import designs
 
     args = parse_args(argv)
     cfg, design, kind, count, orders = plan(args)
@@ -68,8 +68,8 @@ def main(argv=None) -> None:
 
     import ray.tune as tune
 
-    from coin_ray.sweeps.report import finish_sweep, preflight, prepare
-    from coin_ray.sweeps.runner import SweepSpec, run_sweep
+    from coin_ray.studies.lifecycle import finish_sweep, preflight, prepare
+    from coin_ray.studies.runner import SweepSpec, run_sweep
 
     if kind == "optuna":
         from optuna.samplers import TPESampler

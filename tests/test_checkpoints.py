@@ -236,7 +236,7 @@ def test_memory_cli_prints_the_estimate_for_the_shipped_config(capsys):
 # ---- failures name their cause ---------------------------------------------------------------------------------
 
 def test_error_summary_finds_the_workers_error_line():
-    from coin_ray.sweeps.runner import error_summary
+    from coin_ray.studies.runner import error_summary
 
     wrapped = RuntimeError("Training failed due to worker errors:\n[Rank 0]\nTraceback (most recent call last):\n"
                            '  File "loop.py", line 1\ncoin_ray.training.loop.NonFiniteError: non-finite loss in '

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from coin_ray.config import ConfigError
-from coin_ray.sweeps import cli
-from coin_ray.sweeps.designs import DesignError, parse_design
+from coin_ray.studies import cli
+from coin_ray.studies.designs import DesignError, parse_design
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -180,8 +180,8 @@ def test_scheme_storage_path_refused(path):
 
 def test_every_user_error_is_one_type():
     from coin_ray.errors import UserError
-    from coin_ray.sweeps.cli import UsageError
-    from coin_ray.sweeps.designs import DesignError
+    from coin_ray.studies.cli import UsageError
+    from coin_ray.studies.designs import DesignError
     from coin_ray.tasks import InvalidOrderError, UnknownTaskError
     from coin_ray.training import RunSetupError
     from pipelines import PipelineInputError

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from coin_ray.sweeps.analysis import analyse_orders
-from coin_ray.sweeps.designs import (DesignError, all_orders, build_design, decode_random_keys,
+from coin_ray.studies.analysis import analyse_orders
+from coin_ray.studies.designs import (DesignError, all_orders, build_design, decode_random_keys,
                                      distinct_prefixes, given_orders, latin_orders, random_orders, williams_orders)
 
 T4 = ["ScienceQA", "TextVQA", "ImageNet", "GQA"]
@@ -35,7 +35,7 @@ def test_all_orders_prefix_counts():
 
 
 def test_schedule_for_sharing():
-    from coin_ray.sweeps.designs import schedule_for_sharing
+    from coin_ray.studies.designs import schedule_for_sharing
 
     orders = all_orders(T3)
     assert schedule_for_sharing(orders, 1) == orders

@@ -39,7 +39,7 @@ def test_where_and_how_logged_do_not_change_the_config_hash(field, value):
 
 
 def test_trial_names_carry_the_config_hash_and_stay_readable():
-    from coin_ray.sweeps.runner import trial_config
+    from coin_ray.studies.runner import trial_config
 
     base = _cfg().to_dict()
     a = trial_config(base, {"order": "TextVQA>ScienceQA>ImageNet", "seed": 1}, "d")
@@ -54,7 +54,7 @@ def test_trial_names_carry_the_config_hash_and_stay_readable():
 
 
 def test_sweep_names_differ_with_the_config(tmp_path):
-    from coin_ray.sweeps.runner import SweepSpec, sweep_key
+    from coin_ray.studies.runner import SweepSpec, sweep_key
 
     one = SweepSpec(name="s", base=_cfg(), param_space={}, sweep_params={"design": "all"})
     assert sweep_key(one, "d") == sweep_key(SweepSpec(name="s", base=_cfg(), param_space={},

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from coin_ray.benchmarks import MIN_IMAGE_SIZE, TRAIN_SCALE, generate_examples, write_synthetic_benchmark
+from coin_ray.synthetic import MIN_IMAGE_SIZE, TRAIN_SCALE, generate_examples, write_synthetic_benchmark
 from coin_ray.models import build_tokenizer
 from coin_ray.tasks import TASK_NAMES, get_task
 from pipelines._records import validate_records
@@ -150,7 +150,7 @@ def test_base_family_asks_other_questions_in_the_same_format():
 def test_pretrain_base_trains_then_reuses_its_cache(tmp_path: Path):
     import torch
 
-    from coin_ray.benchmarks.base import pretrain_base
+    from coin_ray.synthetic.base import pretrain_base
     from coin_ray.models import build_tiny_vlm, build_vlm
 
     kwargs = dict(steps=6, lr=2e-3, seed=0, tasks=["VQAv2", "ScienceQA"], rows_per_task=8, batch_size=4)

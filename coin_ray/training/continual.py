@@ -36,7 +36,7 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
         tasks = TASK_NAMES
         root = ensure_synthetic_benchmark(storage, train_rows=d.train_rows, test_rows=d.test_rows,
                                           image_size=d.image_size, seed=d.seed)
-        from coin_ray.benchmarks import IMAGE_ROOT, INSTRUCTIONS
+        from coin_ray.synthetic import IMAGE_ROOT, INSTRUCTIONS
 
         instructions, images = root / INSTRUCTIONS, root / IMAGE_ROOT
     else:
@@ -71,7 +71,7 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
 
 def ensure_synthetic_benchmark(storage: Path, **options: Any) -> Path:
     """The built-in benchmark under <storage>/synthetic/<hash of options>, generated once (atomically)."""
-    from coin_ray.benchmarks import GENERATOR_VERSION, write_synthetic_benchmark
+    from coin_ray.synthetic import GENERATOR_VERSION, write_synthetic_benchmark
 
     root = storage / "synthetic" / _short_hash([GENERATOR_VERSION, options])
     if not (root / "synthetic.json").is_file():

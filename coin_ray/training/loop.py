@@ -132,7 +132,7 @@ def build_base(cfg: ExperimentConfig, storage_path: Path, device: torch.device |
     kwargs = cfg.model.tiny_kwargs() if tiny else {"dtype": dtype}
     model, processor = build_vlm(cfg.model.source, **kwargs)
     if tiny and cfg.model.pretrain_steps > 0:
-        from coin_ray.benchmarks.base import pretrain_base
+        from coin_ray.synthetic.base import pretrain_base
 
         pretrain_base(model, processor, storage_path / "base", cfg.model.pretrain_steps, cfg.model.pretrain_lr,
                       cfg.model.seed, image_size=cfg.data.image_size, max_length=cfg.data.max_length)

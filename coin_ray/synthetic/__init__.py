@@ -1,6 +1,6 @@
 """The built-in synthetic benchmark: 8 procedurally drawn tasks, one per CoIN task, written in CoIN's own
 file layout so every downstream stage runs the same code on it as on real CoIN data."""
-from coin_ray.benchmarks._synthetic import (
+from coin_ray.synthetic._synthetic import (
     GENERATOR_VERSION,
     IMAGE_ROOT,
     INSTRUCTIONS,
@@ -11,7 +11,7 @@ from coin_ray.benchmarks._synthetic import (
     synthetic_records,
     write_synthetic_benchmark,
 )
-from coin_ray.benchmarks._tasks import Example
+from coin_ray.synthetic._tasks import Example
 
 __all__ = [
     "Example",

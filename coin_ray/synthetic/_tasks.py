@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from coin_ray.benchmarks._draw import (COLORS, GLYPH_CHARS, OBJECT_CLASSES, SHAPES, canvas, draw_object, draw_shape, draw_text,
+from coin_ray.synthetic._draw import (COLORS, GLYPH_CHARS, OBJECT_CLASSES, SHAPES, canvas, draw_object, draw_shape, draw_text,
                                        finish, text_width)
 from coin_ray.tasks import format_box
 
@@ -210,7 +210,7 @@ def gqa(rng: np.random.Generator, size: int, family: str) -> Example:
     "Is the circle to the left of the cross?", "What color is the object on the right?" next to "... left?")
     stayed at 0.3-0.6 alone, even in three stages' budget (the tiny model answers them with the majority answer
     or by colour alone); these two, whose answer the image and the question's form decide, reach 0.81 in one
-    stage's budget and 0.96 in two (coin_ray.benchmarks.TRAIN_SCALE gives GQA two; benchmarks/
+    stage's budget and 0.96 in two (coin_ray.synthetic.TRAIN_SCALE gives GQA two; benchmarks/
     synthetic_calibration.py, generator v5)."""
     if family == "base":
         items = _distinct_items(rng, int(rng.integers(2, 4)))
@@ -236,7 +236,7 @@ def vqa_v2(rng: np.random.Generator, size: int, family: str) -> Example:
     at 0.40-0.51 alone, even in three stages' budget; the tiny model answers a yes/no question whose answer
     depends on the question's words with the majority answer (e.g. "Are there any circles?": 0.72-0.75 = always
     "yes"). Questions whose answer is a function of the image are learned: these reach 0.79 in one stage's budget
-    and 0.97 in two (coin_ray.benchmarks.TRAIN_SCALE gives VQAv2 two; calibration, generator v5)."""
+    and 0.97 in two (coin_ray.synthetic.TRAIN_SCALE gives VQAv2 two; calibration, generator v5)."""
     if family == "base":
         n = int(rng.integers(1, 5))
         items = _distinct_items(rng, n)
@@ -280,7 +280,7 @@ def grounding(rng: np.random.Generator, size: int, family: str) -> Example:
     Measured (issue 8, each alone, LoRA): 2-3 shapes of 1/4-3/8 the side anywhere stayed at 0.03-0.09; one small
     patch-aligned shape at 0.16, with a distractor 0.19; one large shape at three overlapping places of a
     landscape scene 0.55-0.69 even with three stages' budget (left and middle confused). Four quarters: 0.61 in
-    one stage's budget, 1.00 in two (coin_ray.benchmarks.TRAIN_SCALE gives Grounding two)."""
+    one stage's budget, 1.00 in two (coin_ray.synthetic.TRAIN_SCALE gives Grounding two)."""
     colour, shape = _distinct_items(rng, 1)[0]
     if family == "base":
         width, height = size, max(MIN_IMAGE_SIZE * 3 // 4, size * 3 // 4)

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from coin_ray.benchmarks._tasks import FAMILIES, GENERATORS, MIN_IMAGE_SIZE, Example
+from coin_ray.synthetic._tasks import FAMILIES, GENERATORS, MIN_IMAGE_SIZE, Example
 from coin_ray.tasks import TASK_NAMES, get_task
 
 __all__ = ["GENERATOR_VERSION", "TRAIN_SCALE", "MAX_IMAGE_SIZE", "MIN_IMAGE_SIZE", "IMAGE_ROOT", "INSTRUCTIONS",

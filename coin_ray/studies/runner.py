@@ -40,7 +40,7 @@ def trial_config(base: dict[str, Any], config: dict[str, Any], data_hash: str = 
     """The trial's ExperimentConfig from the sweep's base config and Tune's sampled values; its name carries
     the hash of every result-changing field and of the data (`coin_ray.identity.config_hash`)."""
     from coin_ray.identity import config_hash
-    from coin_ray.sweeps.designs import decode_random_keys
+    from coin_ray.studies.designs import decode_random_keys
 
     cfg = ExperimentConfig.from_dict(base)
     if ORDER_KEY in config:

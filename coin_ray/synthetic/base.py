@@ -3,7 +3,7 @@
 CoIN starts from LLaVA-1.5, a model already aligned to each task's answer format. A randomly initialised
 tiny model is not, and continual tuning from it forgets totally (issue 8: BWT about -1, every answer in the
 last task's format, no order effect). This fine-tunes the tiny model on the benchmark's *base* question
-family (other questions in each task's answer format; coin_ray.benchmarks._tasks) with a plain torch loop,
+family (other questions in each task's answer format; coin_ray.synthetic._tasks) with a plain torch loop,
 and saves the result as a normal checkpoint folder, so ``build_vlm(str(path))`` loads it like any model.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from coin_ray.benchmarks._synthetic import GENERATOR_VERSION, generate_examples
+from coin_ray.synthetic._synthetic import GENERATOR_VERSION, generate_examples
 from coin_ray.models import collate_train, encode_train_batch
 from coin_ray.tasks import TASK_NAMES, get_task
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from coin_ray.config import ExperimentConfig
 from coin_ray.redact import redact_text
-from coin_ray.sweeps import cli
-from coin_ray.sweeps.analysis import analyse_orders, format_analysis
-from coin_ray.sweeps.runner import SweepOutcome, SweepSpec, trials_table
+from coin_ray.studies import cli
+from coin_ray.studies.analysis import analyse_orders, format_analysis
+from coin_ray.studies.runner import SweepOutcome, SweepSpec, trials_table
 
 
 def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
