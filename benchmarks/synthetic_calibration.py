@@ -96,7 +96,7 @@ def calibrate(method: str, preset: str, tasks: Sequence[str], seeds: int, n_orde
     prep_s = time.perf_counter() - started
     print(f"\n=== {method} ({preset} preset; data + base ready in {prep_s:.1f} s) ===", flush=True)
 
-    instructions = Path(prepared["instructions"])
+    instructions = Path(prepared.instructions)
     alone: dict[str, dict[str, Any]] = {}
     print(f"{'task alone':<11} {'score':>6} {'chance':>7} {'majority':>9} {'answers':>8}   (per seed)")
     for task in tasks:

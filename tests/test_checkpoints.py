@@ -105,7 +105,7 @@ def _one_batch(processor):
 @pytest.mark.parametrize("method", ["moelora", "lora", "full"])
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 def test_trainable_parameters_are_fp32_masters_in_a_bf16_base(checkpoints, tmp_path, method, autocast):
-    from coin_ray.training.loop import build_model
+    from coin_ray.training.build import build_model
 
     cfg = _cfg(tmp_path, "masters", checkpoints["float16"], **{"model.dtype": "bf16", "tuner.method": method})
     model, processor = build_model(cfg, tmp_path, CPU)
@@ -239,7 +239,7 @@ def test_error_summary_finds_the_workers_error_line():
     from coin_ray.studies.runner import error_summary
 
     wrapped = RuntimeError("Training failed due to worker errors:\n[Rank 0]\nTraceback (most recent call last):\n"
-                           '  File "loop.py", line 1\ncoin_ray.training.loop.NonFiniteError: non-finite loss in '
+                           '  File "loop.py", line 1\ncoin_ray.training.train.NonFiniteError: non-finite loss in '
                            "trial x, stage 0 (ScienceQA), step 2: loss = nan at lr 1e+09\n")
     assert error_summary(wrapped).startswith("NonFiniteError: non-finite loss in trial x")
     try:
@@ -287,7 +287,7 @@ def test_continual_run_on_half_precision_checkpoints(ray_cluster, checkpoints, t
 @pytest.mark.integration
 def test_non_finite_loss_stops_the_stage_and_saves_nothing(ray_cluster, checkpoints, tmp_path):
     from coin_ray.training import prepare_data, run_continual
-    from coin_ray.training.loop import NonFiniteError
+    from coin_ray.training.train import NonFiniteError
 
     folder = save_tiny_checkpoint(tmp_path / "poisoned", torch.float16, poisoned=True)
     cfg = _cfg(tmp_path, "explodes", folder, **{"train.warmup_ratio": 0.0})

@@ -108,7 +108,8 @@ def test_atomic_json_leaves_no_temp_file_and_torn_json_reads_as_absent(tmp_path)
 
 
 def test_knowledge_metrics_only_where_every_needed_cell_was_judged():
-    from coin_ray.training.loop import _final_metrics, _judge_failed
+    from coin_ray.training.evaluate import judge_failed as _judge_failed
+    from coin_ray.training.loop import final_metrics as _final_metrics
 
     matrix = [[0.9, 0.1], [0.5, 0.8]]
     full = _final_metrics(matrix, None, [[0.7, 0.2], [0.6, 0.9]], None)

@@ -10,7 +10,7 @@ import torch
 
 from coin_ray.config import ExperimentConfig
 from coin_ray.evaluation import cl_metrics
-from coin_ray.training.loop import stage_seed
+from coin_ray.training.stages import stage_seed
 
 ORDER = ["ScienceQA", "TextVQA", "ImageNet"]
 
@@ -63,7 +63,7 @@ def test_local_run_matrix_metrics_resume_and_checkpoint(prepared, tmp_path):
     load_tuner(base, f"{stage2['path']}/checkpoint/adapter")
     from coin_ray.evaluation.generation import evaluate_task
 
-    cell = evaluate_task(base, processor, "TextVQA", data["splits"]["TextVQA"]["test"], batch_size=8,
+    cell = evaluate_task(base, processor, "TextVQA", data.splits["TextVQA"]["test"], batch_size=8,
                          device=torch.device("cpu"))
     assert math.isclose(cell["score"], first.matrix[1][1])
 
@@ -71,6 +71,7 @@ def test_local_run_matrix_metrics_resume_and_checkpoint(prepared, tmp_path):
 @pytest.mark.integration
 def test_ray_train_worker_recovers_from_a_crash_with_the_same_matrix(prepared, tmp_path):
     from coin_ray.training import run_continual
+    from coin_ray.training.faults import KillOnce
 
     storage, data = prepared
     plain = run_continual(_cfg(storage, "ray-plain", workers=1, use_stage_cache=False), prepared=data)
@@ -78,8 +79,8 @@ def test_ray_train_worker_recovers_from_a_crash_with_the_same_matrix(prepared, t
     assert math.isclose(plain.metrics["mfn"], cl_metrics(plain.matrix)["mfn"])
     marker = tmp_path / "killed-once"
     crashed = run_continual(_cfg(storage, "ray-crash", workers=1, use_stage_cache=False), prepared=data,
-                            fail_once={"marker": str(marker), "stage": 1, "step": 3})
-    assert marker.exists(), "the fail-once hook did not fire"
+                            step_callbacks=[KillOnce(str(marker), stage=1, step=3)])
+    assert marker.exists(), "the KillOnce step callback did not fire"
     assert crashed.matrix == plain.matrix
     assert 0 in crashed.stages_reused  # stage 0 came back from the run's own checkpoints after the restart
 
@@ -105,7 +106,7 @@ def test_two_data_parallel_workers_with_grad_accum(prepared, tmp_path):
         for task in ORDER:
             (cell_file,) = (Path(s["path"]) / "eval").glob(f"{task}-*.json")
             cell = StageStore.read_eval(Path(s["path"]), cell_file.stem)
-            assert cell["n"] == data["rows"][task]["test"], (task, cell["n"])
+            assert cell["n"] == data.rows[task]["test"], (task, cell["n"])
 
 
 @pytest.mark.integration
@@ -118,7 +119,7 @@ def test_a_judge_that_is_down_leaves_null_knowledge_and_nothing_cached(prepared,
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from coin_ray.training import run_continual
-    from coin_ray.training.loop import eval_cell_name
+    from coin_ray.training.evaluate import eval_cell_name
 
     storage, data = prepared
     with socket.socket() as s:

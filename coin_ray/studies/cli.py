@@ -12,6 +12,7 @@ from typing import Any
 
 from coin_ray.config import ExperimentConfig, load_yaml_file, parse_override
 from coin_ray.errors import UserError
+from coin_ray.training.types import PreparedData
 
 
 class UsageError(UserError):
@@ -229,12 +230,12 @@ def init_ray(args: argparse.Namespace) -> None:
         # `ray start --head` leaves behind (/tmp/ray/ray_current_cluster), even after that head died.
         # The dashboard serves the State API that the Train controller polls (without it, it floods warnings).
         ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count())
-    from coin_ray.training.continual import quiet_data_context
+    from coin_ray.training.worker import quiet_data_context
 
     quiet_data_context()
 
 
-def default_concurrency(cfg: ExperimentConfig, requested: int | None, prepared: dict[str, Any] | None = None) -> int:
+def default_concurrency(cfg: ExperimentConfig, requested: int | None, prepared: PreparedData | None = None) -> int:
     """Trials at once: as many as the cluster's CPUs fit, less one CPU for Ray Data ingest when the runs stream
     their training data (see `ingest_needs_cpu`). Trials that share a prefix wait for each other in the stage
     store instead of training it twice."""

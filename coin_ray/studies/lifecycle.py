@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from coin_ray.config import ExperimentConfig
+from coin_ray.training.types import PreparedData
 from coin_ray.redact import redact_text
 from coin_ray.studies import cli
 from coin_ray.studies.analysis import analyse_orders, format_analysis
@@ -36,13 +37,13 @@ def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     cli.init_ray(args)
 
 
-def prepare(cfg: ExperimentConfig, args: argparse.Namespace) -> dict[str, Any]:
+def prepare(cfg: ExperimentConfig, args: argparse.Namespace) -> PreparedData:
     from coin_ray.training import prepare_data
 
     started = time.time()
     prepared = prepare_data(cfg)
-    print(f"[coin-ray] data ready in {time.time() - started:.1f} s: {prepared['benchmark']} benchmark, "
-          f"{len(prepared['splits'])} tasks, hash {prepared['data_hash'][:12]}, at {prepared['processed']}")
+    print(f"[coin-ray] data ready in {time.time() - started:.1f} s: {prepared.benchmark} benchmark, "
+          f"{len(prepared.splits)} tasks, hash {prepared.data_hash[:12]}, at {prepared.processed}")
     return prepared
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from coin_ray.config import ExperimentConfig
+from coin_ray.training.types import PreparedData
 
 ORDER_KEY = "order"
 SEED_KEY = "seed"
@@ -62,7 +63,7 @@ def trial_config(base: dict[str, Any], config: dict[str, Any], data_hash: str = 
     return cfg.replace(name=trial_name(order, seed, hparams, config_hash(cfg.flatten(), data_hash)))
 
 
-def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: dict[str, Any],
+def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: PreparedData,
                     tracking: dict[str, Any] | None) -> None:
     """The Tune function trainable: one continual run; per-stage metrics reach Tune from the Train workers
     (TuneReportCallback), so schedulers such as ASHA can stop a trial between stages."""
@@ -70,8 +71,8 @@ def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: d
 
     from coin_ray.identity import run_key
 
-    cfg = trial_config(base, config, prepared["data_hash"])
-    key = run_key(cfg.name, cfg.flatten(), prepared["data_hash"])
+    cfg = trial_config(base, config, prepared.data_hash)
+    key = run_key(cfg.name, cfg.flatten(), prepared.data_hash)
     hooks_factory = None
     if tracking is not None:
         from tracking import MlflowTracker
@@ -129,7 +130,7 @@ def sweep_key(spec: SweepSpec, data_hash: str) -> str:
                        "params": spec.sweep_params})
 
 
-def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
+def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
     """Run the sweep's trials. `spec.name` becomes "<name>-<6 digits of sweep_key>": the Tune experiment
     folder and the MLflow sweep run of a sweep with another config are other ones."""
     import ray.tune as tune
@@ -144,7 +145,7 @@ def run_sweep(spec: SweepSpec, prepared: dict[str, Any]) -> SweepOutcome:
 
         raise RunSetupError("a sweep needs --workers-per-trial >= 1: in-process runs (0) cannot run inside Ray Tune; "
                          "use coin_ray.training.run_continual directly to debug in-process")
-    data_hash = prepared["data_hash"]
+    data_hash = prepared.data_hash
     key = sweep_key(spec, data_hash)
     spec.name = f"{spec.name}-{key[:6]}"
     storage = Path(cfg.storage_path).resolve()

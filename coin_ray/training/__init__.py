@@ -2,8 +2,9 @@
 from coin_ray.training.continual import RunSetupError, load_run_result, prepare_data, run_continual
 from coin_ray.training.hooks import HookList, RunHooks, RunInfo, RunResult, StageReport
 from coin_ray.training.store import StageStore, stage_key
+from coin_ray.training.types import PreparedData
 
 __all__ = [
-    "HookList", "RunHooks", "RunInfo", "RunResult", "RunSetupError", "StageReport", "StageStore",
+    "HookList", "PreparedData", "RunHooks", "RunInfo", "RunResult", "RunSetupError", "StageReport", "StageStore",
     "load_run_result", "prepare_data", "run_continual", "stage_key",
 ]

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from coin_ray.config import ExperimentConfig
 from coin_ray.errors import UserError
 from coin_ray.training.hooks import RunHooks, RunResult
+from coin_ray.training.types import PreparedData, WorkerConfig
+from coin_ray.training.worker import quiet_data_context
+
 
 class RunSetupError(UserError):
     """The run cannot start (bad data, unplaceable resources); raised before any training."""
@@ -21,11 +24,8 @@ class NoRunResult(FileNotFoundError):
     """`runs/<name>/result.json` is absent, torn, or was written by a run of another config."""
 
 
-def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Generate (synthetic) and preprocess the tasks once; cached by content hash under the storage path.
-
-    Returns a plain dict the workers receive: processed dir, per-task split dirs and row counts, data_hash.
-    """
+def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) -> PreparedData:
+    """Generate (synthetic) and preprocess the tasks once; cached by content hash under the storage path."""
     from pipelines.preprocess import preprocess
 
     from coin_ray.tasks import TASK_NAMES
@@ -62,11 +62,11 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
         rows[task] = {"train": int(entry["train"]["rows"]), "test": int(entry[test_split]["rows"])}
     if cfg.model.source == "tiny" and cfg.model.pretrain_steps > 0:
         # train (or find) the instruction-pretrained base once here, so trials only load it
-        from coin_ray.training.loop import build_base
+        from coin_ray.training.build import build_base
 
         build_base(cfg, storage)
-    return {"processed": str(out), "splits": splits, "rows": rows, "data_hash": manifest["content_hash"],
-            "benchmark": d.benchmark, "instructions": str(instructions), "images": str(images)}
+    return PreparedData(processed=str(out), splits=splits, rows=rows, data_hash=manifest["content_hash"],
+                        benchmark=d.benchmark, instructions=str(instructions), images=str(images))
 
 
 def ensure_synthetic_benchmark(storage: Path, **options: Any) -> Path:
@@ -85,49 +85,49 @@ def _short_hash(material: Any) -> str:
     return short_hash(material, digits=16)
 
 
-def with_train_datasets(cfg: ExperimentConfig, prepared: dict[str, Any]) -> dict[str, Any]:
+def with_train_datasets(cfg: ExperimentConfig, prepared: PreparedData) -> PreparedData:
     """`prepared` plus `train_datasets`: each small train split of the order's tasks read once into Ray's
     object store. A sweep does this once on its driver so no trial re-lists and re-reads files; big splits
     (real CoIN) stay lazy and stream from Parquet."""
     from pipelines import load_split
 
-    cached = dict(prepared.get("train_datasets", {}))
+    cached = dict(prepared.train_datasets)
     for task in cfg.order:
         if task not in cached and _fits_object_store(cfg, prepared, task):
-            cached[task] = load_split(prepared["processed"], task, "train", in_memory=True)
-    return {**prepared, "train_datasets": cached}
+            cached[task] = load_split(prepared.processed, task, "train", in_memory=True)
+    return prepared.with_datasets(cached)
 
 
-def _fits_object_store(cfg: ExperimentConfig, prepared: dict[str, Any], task: str) -> bool:
-    return prepared["rows"][task]["train"] * _row_bytes(cfg) <= cfg.data.materialize_below_mb * 2**20
+def _fits_object_store(cfg: ExperimentConfig, prepared: PreparedData, task: str) -> bool:
+    return prepared.rows[task]["train"] * _row_bytes(cfg) <= cfg.data.materialize_below_mb * 2**20
 
 
-def ingest_needs_cpu(cfg: ExperimentConfig, prepared: dict[str, Any]) -> bool:
+def ingest_needs_cpu(cfg: ExperimentConfig, prepared: PreparedData) -> bool:
     """Whether a run's Ray Data ingest needs CPU of its own while it trains: not when every train split is read
     into the object store up front and one worker iterates it in its own process (no read tasks, no split
     coordinator); yes for streamed splits (real CoIN) or several workers."""
     return cfg.scaling.num_workers > 1 or not all(_fits_object_store(cfg, prepared, t) for t in cfg.order)
 
 
-def stage_datasets(cfg: ExperimentConfig, prepared: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+def stage_datasets(cfg: ExperimentConfig, prepared: PreparedData) -> tuple[dict[str, Any], list[int]]:
     """Ray Data datasets `stage_<k>` (task k's train split, capped, plus replay of past tasks), and row counts."""
     from pipelines import load_split
 
     def split(task: str) -> Any:
-        cached = prepared.get("train_datasets", {}).get(task)
-        return cached if cached is not None else load_split(prepared["processed"], task, "train")
+        cached = prepared.train_datasets.get(task)
+        return cached if cached is not None else load_split(prepared.processed, task, "train")
 
     datasets: dict[str, Any] = {}
     rows: list[int] = []
     cap = cfg.data.max_train_rows
     for k, task in enumerate(cfg.order):
         ds = split(task)
-        n = prepared["rows"][task]["train"]
+        n = prepared.rows[task]["train"]
         if cap is not None and cap < n:
             ds, n = ds.limit(cap), cap
         for past in cfg.order[:k]:
             if cfg.train.replay_per_task > 0:
-                m = min(cfg.train.replay_per_task, prepared["rows"][past]["train"])
+                m = min(cfg.train.replay_per_task, prepared.rows[past]["train"])
                 ds = ds.union(split(past).limit(m))
                 n += m
         datasets[f"stage_{k}"] = ds
@@ -161,23 +161,13 @@ def check_resources(cfg: ExperimentConfig) -> None:
                 f"the Ray cluster has {total.get('GPU', 0):g}: drop --gpus-per-worker/use_gpu or use a GPU cluster")
 
 
-def quiet_data_context() -> None:
-    """Ray Data settings of this process: ordered (reproducible batches) and, off a terminal, no progress bars."""
-    import sys
-
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = sys.stderr.isatty()
-
-
 def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks] | None = None,
-                  prepared: dict[str, Any] | None = None, fail_once: dict[str, Any] | None = None,
+                  prepared: PreparedData | None = None, step_callbacks: Sequence[Callable[..., None]] = (),
                   train_callbacks: list[Any] | None = None) -> RunResult:
     """Train and evaluate every stage of `cfg.order`; resumes finished stages from the stage store.
 
     Ray must be initialised (`ray.init`) by the caller: Ray Data serves the training shards in both modes.
+    `step_callbacks` are called after every optimizer step as cb(stage=k, step=s) (e.g. `faults.KillOnce`).
     """
     import ray
 
@@ -185,17 +175,19 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
         raise RunSetupError("Ray is not initialised: call ray.init(...) first (or use sweeps/task_order.py)")
     quiet_data_context()
     prepared = prepared or prepare_data(cfg)
-    missing = [t for t in cfg.order if t not in prepared["splits"]]
+    missing = [t for t in cfg.order if t not in prepared.splits]
     if missing:
-        raise RunSetupError(f"tasks {missing} are not in the prepared data ({sorted(prepared['splits'])})")
+        raise RunSetupError(f"tasks {missing} are not in the prepared data ({prepared.tasks})")
     check_resources(cfg)
     prepared = with_train_datasets(cfg, prepared)
     datasets, stage_rows = stage_datasets(cfg, prepared)
-    plain = {k: v for k, v in prepared.items() if k != "train_datasets"}  # workers get datasets as shards
-    config = {"experiment": cfg.to_dict(), "data": {**plain, "stage_rows": stage_rows},
-              "hooks_factory": hooks_factory, "fail_once": fail_once}
+    # workers get the datasets as shards, not inside their config
+    config = {"worker": WorkerConfig(experiment=cfg.to_dict(), data=prepared.without_datasets(),
+                                     stage_rows=tuple(stage_rows), hooks_factory=hooks_factory,
+                                     step_callbacks=tuple(step_callbacks))}
 
-    from coin_ray.training.loop import WorkerEnv, continual_worker
+    from coin_ray.training.loop import continual_worker
+    from coin_ray.training.worker import WorkerEnv
 
     if cfg.scaling.num_workers == 0:
         import torch
@@ -226,7 +218,7 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
                                   execution_options=ExecutionOptions(preserve_order=True)),
     )
     trainer.fit()
-    return load_run_result(cfg, prepared["data_hash"])
+    return load_run_result(cfg, prepared.data_hash)
 
 
 def _train_env_defaults() -> None:

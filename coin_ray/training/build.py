@@ -1,0 +1,56 @@
+"""The model a run trains: the base VLM (tiny from config, optionally instruction-pretrained, or a local
+checkpoint folder) in its resolved dtype, with the tuner applied and float32 master weights."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coin_ray.config import ExperimentConfig
+
+
+def resolved_precision(cfg: ExperimentConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(base dtype, autocast dtype or None) of this run on `device`."""
+    from coin_ray.models._precision import resolve_autocast, resolve_dtype
+
+    base = resolve_dtype(cfg.model.dtype, device)
+    return base, resolve_autocast(cfg.train.precision, base, device)
+
+
+def build_base(cfg: ExperimentConfig, storage_path: Path, device: torch.device | None = None
+               ) -> tuple[torch.nn.Module, Any]:
+    """The base VLM: tiny from config (optionally instruction-pretrained, cached under <storage>/base), or a
+    local checkpoint folder; held in `model.dtype` as resolved for `device` (CPU when None)."""
+    from coin_ray.models import build_vlm
+    from coin_ray.models._precision import resolve_dtype
+
+    dtype = resolve_dtype(cfg.model.dtype, device or torch.device("cpu"))
+    tiny = cfg.model.source == "tiny"
+    kwargs = cfg.model.tiny_kwargs() if tiny else {"dtype": dtype}
+    model, processor = build_vlm(cfg.model.source, **kwargs)
+    if tiny and cfg.model.pretrain_steps > 0:
+        from coin_ray.synthetic.base import pretrain_base
+
+        pretrain_base(model, processor, storage_path / "base", cfg.model.pretrain_steps, cfg.model.pretrain_lr,
+                      cfg.model.seed, image_size=cfg.data.image_size, max_length=cfg.data.max_length)
+    if tiny and dtype != torch.float32:
+        model.to(dtype)
+    return model, processor
+
+
+def build_model(cfg: ExperimentConfig, storage_path: Path, device: torch.device | None = None
+                ) -> tuple[torch.nn.Module, Any]:
+    """The base VLM with the tuner applied (adapter init seeded by train.seed: part of the replicate); every
+    trainable parameter is a float32 master weight whatever the base dtype."""
+    from coin_ray.models._precision import fp32_master_weights
+    from coin_ray.tuners import apply_tuner
+
+    model, processor = build_base(cfg, storage_path, device)
+    t = cfg.tuner
+    torch.manual_seed(cfg.train.seed)
+    apply_tuner(model, t.method, num_experts=t.num_experts, rank=t.rank, alpha=t.alpha, dropout=t.dropout,
+                target_modules=list(t.target_modules) if t.target_modules else None, top_k=t.top_k,
+                aux_loss_weight=t.aux_loss_weight)
+    fp32_master_weights(model)
+    return model, processor

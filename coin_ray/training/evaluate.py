@@ -1,0 +1,65 @@
+"""One row of the evaluation matrix: every task of the order scored by the model as it stands after a stage.
+
+Cells are cached per task inside the stage's store entry (a stage reused by another order is not
+evaluated again); a cell whose judge failed is never cached, so a later run judges it again."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coin_ray.config import ExperimentConfig
+from coin_ray.training.store import StageStore
+from coin_ray.training.worker import WorkerRun
+
+
+@dataclass
+class EvalRow:
+    scores: dict[str, float | None]
+    knowledge: dict[str, float | None] | None  # None when no judge runs
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def eval_cell_name(task: str, cfg: ExperimentConfig) -> str:
+    judge = cfg.eval.judge
+    opts = json.dumps(dict(cfg.eval.judge_options), sort_keys=True, default=str)
+    tag = hashlib.sha256(f"{cfg.data.max_test_rows}:{judge}:{opts}".encode()).hexdigest()[:8]
+    return f"{task}-{tag}"
+
+
+def judge_failed(cell: dict[str, Any]) -> bool:
+    """A cell whose knowledge score is missing because the judge failed (not because it has no rows)."""
+    return bool(cell.get("knowledge_error") or cell.get("knowledge_failures"))
+
+
+def evaluate_row(run: WorkerRun, entry_path: Path) -> EvalRow:
+    """Score every task of the order with the weights of the stage stored at `entry_path` (each rank scores a
+    disjoint shard of the test rows; rank 0 holds the merged cell)."""
+    from coin_ray.evaluation.generation import evaluate_task
+
+    cfg, env = run.cfg, run.env
+    row = EvalRow(scores={}, knowledge={} if run.judge is not None else None)
+    for task in run.order:
+        cell_name = eval_cell_name(task, cfg)
+        cell = StageStore.read_eval(entry_path, cell_name)
+        if cell is not None and run.judge is not None and judge_failed(cell):
+            cell = None  # stored by an older version with judge failures: judge again
+        if cell is None:
+            run.weights.ensure()
+            cell = evaluate_task(run.model, run.processor, task, run.data.splits[task]["test"],
+                                 batch_size=cfg.eval.batch_size, device=env.device, rank=env.rank,
+                                 world=env.world, max_rows=cfg.data.max_test_rows, judge=run.judge,
+                                 max_predictions=cfg.eval.max_predictions_logged,
+                                 autocast_dtype=run.autocast_dtype)
+            if env.rank == 0 and not judge_failed(cell):  # a failure is never cached: next run judges again
+                StageStore.write_eval(entry_path, cell_name, cell)
+            if env.rank == 0 and cell.get("knowledge_error"):
+                print(f"[coin-ray] {cfg.name}: no knowledge score for {task}: {cell['knowledge_error']}", flush=True)
+        row.scores[task] = cell["score"]
+        if row.knowledge is not None:
+            row.knowledge[task] = cell.get("knowledge")
+        row.predictions += cell.get("predictions", [])
+    env.barrier()
+    return row

@@ -1,0 +1,129 @@
+"""Stage k of an order: what fixes its result (the stage-store key material), and obtaining it: reuse it
+from the store, wait while another trial trains it, or train it here and put it.
+
+Stage k's training depends only on the state after stage k-1 and on a seed derived from (seed, task
+prefix), so a stage restarted after a crash, or served to another order that shares the prefix, gives
+exactly the same result on CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from coin_ray.config import ExperimentConfig
+from coin_ray.training.build import resolved_precision
+from coin_ray.training.store import StageEntry, stage_key
+from coin_ray.training.worker import WorkerRun
+
+ADAPTER_DIR = "adapter"  # save_tuner output: tuner_config.json + tuner_weights.safetensors
+LOSSES_FILE = "train_losses.json"
+
+
+def stage_seed(seed: int, prefix: tuple[str, ...]) -> int:
+    """Seed of the stage that ends `prefix`: the same prefix gets the same seed in every order."""
+    digest = hashlib.sha256(f"{seed}:{'>'.join(prefix)}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def stage_material(cfg: ExperimentConfig, data_hash: str, prefix: tuple[str, ...],
+                   device: torch.device | None = None) -> dict[str, Any]:
+    """Everything that fixes the result of the stage ending `prefix` (the stage-store key material).
+    Evaluation settings are not part of it: evaluation cells are cached per task inside the entry, and
+    eval settings that change scores (max_test_rows) go into the cell key."""
+    flat = cfg.flatten()
+    material = {k: v for k, v in flat.items() if k.split(".")[0] in ("model", "tuner", "train")}
+    material.update({
+        "data.benchmark": cfg.data.benchmark,
+        "data.max_train_rows": cfg.data.max_train_rows,
+        "data.max_length": cfg.data.max_length,
+        "data_hash": data_hash,
+        "prefix": list(prefix),
+        "world": cfg.scaling.num_workers or 1,  # data-parallel world changes batches and so results
+    })
+    # "auto" dtypes resolve per device (bf16 on a GPU, fp32 on CPU): the resolved pair is what fixes the result
+    base, autocast = resolved_precision(cfg, device or torch.device("cpu"))
+    material["precision"] = [str(base).removeprefix("torch."), str(autocast).removeprefix("torch.")]
+    if not cfg.use_stage_cache:
+        material["run_name"] = cfg.name  # no sharing: the store only serves this run's own resume
+    return material
+
+
+def adapter_weights_file(entry: StageEntry) -> Path:
+    from coin_ray.tuners import TUNER_WEIGHTS_NAME
+
+    return entry.checkpoint / ADAPTER_DIR / TUNER_WEIGHTS_NAME
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage as the loop sees it: its store entry, its training losses, and whether it was reused."""
+
+    key: str
+    entry: StageEntry
+    losses: list[tuple[int, float]]
+    reused: bool
+
+
+def obtain_stage(run: WorkerRun, prefix: tuple[str, ...]) -> Stage:
+    """The stage ending `prefix`, from the store or trained here (then put in the store).
+
+    Rank 0 claims the key: a trial running beside this one may be training the same prefix, and this one
+    waits for it instead of training it twice; the other ranks follow what the store then holds."""
+    from coin_ray.training.train import train_stage
+
+    env, store = run.env, run.store
+    material = stage_material(run.cfg, run.data.data_hash, prefix, env.device)
+    key = stage_key(material)
+    entry = store.get(key)
+    claim = None
+    if entry is None:
+        if env.rank == 0:
+            got = store.claim(key)
+            entry, claim = (got, None) if isinstance(got, StageEntry) else (None, got)
+        env.barrier()
+        if env.rank != 0:
+            entry = store.get(key)
+    if entry is not None:
+        run.weights.select(entry)
+        return Stage(key, entry, _stored_losses(entry), reused=True)
+    try:
+        run.weights.ensure()
+        losses, optim_state = train_stage(run, prefix)
+        if env.rank == 0:
+            entry = store.put(key, material, lambda directory: _write_stage(run.model, losses, optim_state, directory))
+    finally:
+        if claim is not None:
+            claim.release()
+    env.barrier()
+    entry = entry or store.get(key)
+    run.weights.holds(entry)
+    return Stage(key, entry, losses, reused=False)
+
+
+def _write_stage(model: torch.nn.Module, losses: list[tuple[int, float]], optim_state: dict[str, Any],
+                 directory: Path) -> None:
+    from coin_ray.tuners import save_tuner
+
+    save_tuner(model, directory / ADAPTER_DIR)
+    torch.save(optim_state, directory / "optimizer.pt")
+    (directory / LOSSES_FILE).write_text(json.dumps(losses))
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+               directory / "rng_state.pt")
+
+
+def _stored_losses(entry: StageEntry) -> list[tuple[int, float]]:
+    path = entry.checkpoint / LOSSES_FILE
+    return [tuple(x) for x in json.loads(path.read_text())] if path.is_file() else []

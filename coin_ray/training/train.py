@@ -1,0 +1,108 @@
+"""Training one stage from the model's current state: AdamW with a cosine schedule, gradient accumulation
+(all-reduced only on the last micro-batch under DDP), autocast per the precision policy, and a guard that
+stops the stage at the first non-finite loss, gradient norm or weight."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+
+from coin_ray.training.stages import seed_everything, stage_seed
+from coin_ray.training.worker import WorkerRun
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss, gradient norm or trained weight: the stage stops and nothing of it is saved."""
+
+
+def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int, float]], dict[str, Any]]:
+    """Train the stage ending `prefix`; returns (step, loss) pairs and the final optimizer/scheduler state
+    (kept in the stage checkpoint)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    from coin_ray.tuners import tuner_aux_loss
+    from pipelines import train_collate_fn
+
+    cfg, env, model, autocast_dtype = run.cfg, run.env, run.model, run.autocast_dtype
+    t = cfg.train
+    k = len(prefix) - 1
+    seed_everything(stage_seed(t.seed, prefix))
+    per_step = t.batch_size * max(env.world, 1) * t.grad_accum
+    steps = t.max_steps or max(1, math.ceil(t.epochs * run.stage_rows[k] / per_step))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
+    train_model = model
+    if env.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    train_model.train()
+    collate = train_collate_fn(run.processor.tokenizer.pad_token_id)
+    shard = env.get_shard(f"stage_{k}")
+    # float16 autocast needs loss scaling (its gradients underflow); a step whose scaled gradients overflowed
+    # is skipped by the scaler, as GradScaler is meant to work
+    scaler = torch.amp.GradScaler(env.device.type) if autocast_dtype == torch.float16 else None
+
+    def non_finite(what: str, value: float) -> NonFiniteError:
+        return NonFiniteError(
+            f"non-finite {what} in trial {cfg.name}, stage {k} ({prefix[-1]}), step {step + 1}: {what} = {value} "
+            f"at lr {scheduler.get_last_lr()[0]:.3g}; nothing of this stage was saved. Lower train.lr, or train "
+            "in bf16 or fp32 (train.precision)")
+
+    losses: list[tuple[int, float]] = []
+    step = micro = epoch = 0
+    running = 0.0
+    while step < steps:
+        n_batches = 0
+        for batch in shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate,
+                                              local_shuffle_buffer_size=max(4 * t.batch_size, 64),
+                                              local_shuffle_seed=stage_seed(t.seed + epoch, prefix) % (2**31)):
+            n_batches += 1
+            batch = {name: x.to(env.device) for name, x in batch.items()}
+            last_micro = (micro + 1) % t.grad_accum == 0
+            sync = contextlib.nullcontext() if (env.world <= 1 or last_micro) else train_model.no_sync()
+            with sync:
+                with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss = train_model(**batch).loss
+                    aux = tuner_aux_loss(model)
+                    if aux is not None:
+                        loss = loss + aux
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise non_finite("loss", value)
+                scaled = loss / t.grad_accum
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            running += value / t.grad_accum
+            micro += 1
+            if micro % t.grad_accum:
+                continue
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            # max_norm inf measures without clipping: the norm is checked in every case
+            norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf))
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            elif not math.isfinite(norm):
+                raise non_finite("gradient norm", norm)
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append((step, running))
+            running = 0.0
+            for callback in run.step_callbacks:
+                callback(stage=k, step=step)
+            if step >= steps:
+                break
+        epoch += 1
+        if n_batches == 0:
+            raise RuntimeError(f"stage {k} ({prefix[-1]}): the training shard is empty; check the preprocessed data")
+    model.eval()
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise non_finite(f"weights ({len(bad)} tensors, e.g. {bad[0]})", math.nan)
+    return losses, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "steps": step}
