@@ -97,6 +97,7 @@ def tiny_stage(*, gpu: bool, steps: int, batch: int) -> dict[str, Any]:
     # runs on one worker with one GPU, on CPU in-process
     cfg = ExperimentConfig.from_dict({
         "order": ["ScienceQA"], "name": "gpu-check-tiny", "storage_path": str(root), "use_stage_cache": False,
+        "eval.judge": "none",
         "model.source": str(folder), "model.dtype": "bf16", "train.precision": "bf16", "tuner.method": "moelora",
         "tuner.rank": 8, "tuner.num_experts": 2, "train.max_steps": steps, "train.batch_size": batch,
         "train.lr": 0.004, "data.train_rows": max(32, steps * batch), "data.test_rows": 16, "eval.batch_size": 16,

@@ -39,7 +39,7 @@ def main() -> None:
     base = ExperimentConfig.from_dict({
         "order": list(TASK_NAMES[: args.stages]), "storage_path": str(storage), "use_stage_cache": False,
         "train.max_steps": args.steps, "train.batch_size": 8, "data.train_rows": 64, "data.test_rows": 16,
-        "eval.batch_size": 16})
+        "eval.batch_size": 16, "eval.judge": "none", "model.pretrain_steps": 0})
     # train splits read into the object store once, as a sweep's driver does: both modes then time stages only
     prepared = with_train_datasets(base, prepare_data(base))
     timings = {}

@@ -47,7 +47,7 @@ def main() -> None:
         base = ExperimentConfig.from_dict({
             "order": tasks, "storage_path": str(data_storage), "use_stage_cache": cached,
             "train.max_steps": args.steps, "train.batch_size": 8, "data.train_rows": 48, "data.test_rows": 8,
-            "eval.batch_size": 8, "scaling.num_workers": 1})
+            "eval.batch_size": 8, "scaling.num_workers": 1, "eval.judge": "none", "model.pretrain_steps": 0})
         prepared = prepare_data(base)
         concurrency = default_concurrency(base, args.max_concurrent_trials, prepared)
         spec = SweepSpec(name=f"cache-bench-{label}", base=base, tracking=False, verbose=0,

@@ -85,10 +85,13 @@ def calibrate(method: str, preset: str, tasks: Sequence[str], seeds: int, n_orde
               overrides: dict[str, Any], use_stage_cache: bool = True) -> dict[str, Any]:
     """Single-task runs + every order x seed for one method; prints as it goes, returns the summary."""
     from coin_ray.config import ExperimentConfig
-    from coin_ray.studies.cli import PRESETS
+    from coin_ray.config import preset as preset_layer
     from coin_ray.training import prepare_data, run_continual
 
-    raw = {**PRESETS[preset], "order": list(tasks), "storage_path": str(storage), "scaling.num_workers": 0,
+    # the embedded default (the dataclass defaults) or the smoke preset over it; no judge: the calibration
+    # targets are about the instruction matrix
+    layer = preset_layer("smoke") if preset == "smoke" else {}
+    raw = {**layer, "eval.judge": "none", "order": list(tasks), "storage_path": str(storage), "scaling.num_workers": 0,
            "tuner.method": method, "use_stage_cache": use_stage_cache, "name": f"calib-{method}", **overrides}
     cfg = ExperimentConfig.from_dict(raw)
     started = time.perf_counter()

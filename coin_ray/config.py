@@ -37,7 +37,9 @@ __all__ = [
     "ExperimentConfig",
     "TRACKING_SCHEMES",
     "coerce_field",
+    "dotted",
     "load_yaml_file",
+    "preset",
     "parse_override",
 ]
 
@@ -134,7 +136,7 @@ class ModelConfig:
     heads: int = 4
     intermediate: int = 256
     initializer_range: float = 0.1
-    pretrain_steps: int = 0  # tiny model: instruction-pretraining "stage 0" of the base (0 = off), cached
+    pretrain_steps: int = 300  # tiny model: instruction-pretraining "stage 0" of the base (0 = off), cached
     pretrain_lr: float = 2e-3
     seed: int = 0
 
@@ -197,10 +199,10 @@ class TrainConfig:
     """Per-stage optimisation. Each stage gets a fresh AdamW + warmup/cosine schedule (as CoIN's per-stage
     scripts do); `max_steps` > 0 overrides `epochs`."""
 
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
-    epochs: float = 1.0
+    epochs: float = 10.0  # the embedded default; CoIN trains 1 epoch per stage (configs/coin_llava7b.yaml)
     max_steps: int = 0
     batch_size: int = 16  # per worker
     grad_accum: int = 1
@@ -227,9 +229,9 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation after every stage on every task of the order (greedy decoding)."""
 
-    batch_size: int = 32
+    batch_size: int = 40
     zero_shot: bool = False  # also evaluate before stage 1 (needed for fwt)
-    judge: str = "none"  # knowledge matrix: none | embedding | llm
+    judge: str = "embedding"  # knowledge matrix: none | embedding (offline) | llm
     judge_options: Mapping[str, Any] = field(default_factory=dict)  # e.g. base_url, model for llm
     max_predictions_logged: int = 20  # per task and stage
 
@@ -301,7 +303,7 @@ _SECTIONS = {
 class ExperimentConfig:
     """One continual run: a task order plus everything that determines its result."""
 
-    order: tuple[str, ...] = ("ScienceQA", "TextVQA", "ImageNet")
+    order: tuple[str, ...] = ("ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCRVQA")
     name: str = "coin-run"  # deterministic run name (no timestamps): restarts find their state by it
     storage_path: str = "runs"
     use_stage_cache: bool = True
@@ -582,6 +584,25 @@ def _load_yaml(text: str) -> Any:
     import yaml
 
     return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def dotted(loaded: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config (a YAML file's sections) as dotted keys, so that layers merge field by field."""
+    out: dict[str, Any] = {}
+    for section, value in loaded.items():
+        if section in _SECTIONS and isinstance(value, Mapping):
+            out.update({f"{section}.{k}": v for k, v in value.items()})
+        else:
+            out[section] = value
+    return out
+
+
+def preset(name: str) -> dict[str, Any]:
+    """configs/<name>.yaml as dotted keys (a layer over the defaults, e.g. the smoke preset)."""
+    return dotted(load_yaml_file(CONFIG_DIR / f"{name}.yaml"))
 
 
 def load_yaml_file(path: str | os.PathLike) -> dict[str, Any]:

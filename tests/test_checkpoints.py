@@ -51,7 +51,8 @@ def checkpoints(tmp_path_factory):
 
 def _cfg(storage, name, source, **extra):
     return ExperimentConfig.from_dict({
-        "order": ORDER, "name": name, "storage_path": str(storage), "scaling.num_workers": 0,
+        "order": ORDER, "name": name, "storage_path": str(storage), "scaling.num_workers": 0, "eval.judge": "none",
+        "model.pretrain_steps": 0,
         "model.source": str(source), "train.max_steps": 6, "train.batch_size": 8, "train.lr": 0.004,
         "data.train_rows": 32, "data.test_rows": 8, "eval.batch_size": 8, "tuner.rank": 8, "tuner.num_experts": 2,
         **extra})

@@ -1,15 +1,32 @@
 """Typed config: defaults validate, dotted/nested dicts build, every problem is reported at once."""
+import json
+
 import pytest
 
 from coin_ray.config import ConfigError, ExperimentConfig
+from coin_ray.tasks import TASK_NAMES
 
 
 def test_defaults_and_flatten():
     cfg = ExperimentConfig()
     flat = cfg.flatten()
     assert flat["tuner.method"] == "moelora"
-    assert flat["order"] == '["ScienceQA", "TextVQA", "ImageNet"]'
+    assert flat["order"] == json.dumps(list(TASK_NAMES))
     assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_the_embedded_default_is_the_dataclass_defaults_and_every_config_names_its_command():
+    """configs/default.yaml spells out the dataclass defaults; each YAML under configs/ starts with the command
+    that runs it; the smoke preset and a copied default YAML layer over the defaults without losing a field."""
+    from coin_ray.config import CONFIG_DIR, dotted, load_yaml_file, preset
+
+    assert ExperimentConfig.from_dict(preset("default")) == ExperimentConfig()
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# python "), (path.name, first)
+        ExperimentConfig.from_dict(dotted(load_yaml_file(path)))  # every shipped config is valid
+    smoke = ExperimentConfig.from_dict(preset("smoke"))
+    assert smoke.eval.judge == "embedding" and smoke.model.pretrain_steps == 200 and len(smoke.order) == 3
 
 
 def test_dotted_and_nested_keys_merge():

@@ -215,7 +215,8 @@ def test_short_continual_run_logs_through_the_tracker(server, ray_cluster, tmp_p
 
     order = ["ScienceQA", "TextVQA", "ImageNet"]
     cfg = ExperimentConfig.from_dict({
-        "order": order, "name": "tiny-run", "storage_path": str(tmp_path), "scaling.num_workers": 0,
+        "order": order, "name": "tiny-run", "storage_path": str(tmp_path), "scaling.num_workers": 0, "eval.judge": "none",
+        "model.pretrain_steps": 0,
         "train.max_steps": 4, "train.batch_size": 8, "data.train_rows": 32, "data.test_rows": 8,
         "eval.batch_size": 8, "eval.zero_shot": True, "model.hidden": 64, "model.intermediate": 128,
         "tuner.rank": 8, "tuner.num_experts": 2})

@@ -23,7 +23,8 @@ def test_stage_seed_depends_on_prefix_only():
 
 def _cfg(storage, name, workers=0, **extra):
     return ExperimentConfig.from_dict({
-        "order": ORDER, "name": name, "storage_path": str(storage), "scaling.num_workers": workers,
+        "order": ORDER, "name": name, "storage_path": str(storage), "scaling.num_workers": workers, "eval.judge": "none",
+        "model.pretrain_steps": 0,
         "train.max_steps": 6, "train.batch_size": 8, "data.train_rows": 48, "data.test_rows": 8,
         "eval.batch_size": 8, "model.hidden": 64, "model.intermediate": 128, "tuner.rank": 8,
         "tuner.num_experts": 2, **extra})

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from coin_ray.config import ExperimentConfig, load_yaml_file, parse_override
+from coin_ray.config import ExperimentConfig, dotted, load_yaml_file, parse_override, preset
 from coin_ray.errors import UserError
 from coin_ray.training.types import PreparedData
 
@@ -19,26 +19,9 @@ class UsageError(UserError):
     """Bad command-line input, reported as one line before anything starts."""
 
 
-# Budgets of the embedded defaults, calibrated with benchmarks/synthetic_calibration.py on 2 CPU cores (see
-# README "Numbers"): "default" = issue 8's targets (each task alone >= 0.8, MFT >= 0.7, partial forgetting);
-# "smoke" = issue 10's (MFT >= 0.5, BWT <= -0.05, 6 orders of 3 tasks in minutes).
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {  # 10 epochs: 150 steps on a 240-row task, 300 on the tasks TRAIN_SCALE doubles
-        "train.epochs": 10, "train.max_steps": 0, "train.batch_size": 16, "train.lr": 1e-3,
-        "data.train_rows": 240, "data.test_rows": 40, "eval.batch_size": 40,
-        "model.pretrain_steps": 300,
-    },
-    "smoke": {
-        "train.max_steps": 50, "train.batch_size": 16, "train.lr": 4e-3,
-        "data.train_rows": 160, "data.test_rows": 24, "eval.batch_size": 24,
-        "model.pretrain_steps": 200,
-    },
-}
-SMOKE_TASKS = ("ScienceQA", "TextVQA", "ImageNet")
-# Both presets are the embedded (synthetic) defaults: the offline embedding judge fills the knowledge matrix.
-EMBEDDED_DEFAULTS: dict[str, Any] = {"eval.judge": "embedding"}
-# --smoke-test on a --config (e.g. real CoIN): the config's model and data, tiny budgets.
-CONFIG_SMOKE: dict[str, Any] = {"train.max_steps": 5, "data.max_train_rows": 64, "data.max_test_rows": 16}
+# The embedded default is the dataclass defaults of coin_ray.config (configs/default.yaml shows them);
+# --smoke-test layers configs/smoke.yaml over them, or configs/smoke_config.yaml over a --config.
+SMOKE_PRESET, SMOKE_CONFIG_PRESET = "smoke", "smoke_config"
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -146,32 +129,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def build_base_config(args: argparse.Namespace, *, default_experiment: str) -> ExperimentConfig:
-    """Preset < YAML < flags. Every problem is reported together (ConfigError)."""
+    """Defaults < --config YAML < --smoke-test preset < flags. Every problem is reported together (ConfigError)."""
     check_common_args(args)
-    raw: dict[str, Any] = {}
-    if args.config:  # a config replaces the embedded presets (their budgets are for the tiny model)
+    raw: dict[str, Any] = {}  # over the dataclass defaults (the embedded default)
+    if args.config:
         path = Path(args.config)
         if not path.is_file():
             raise UsageError(f"--config {path}: no such file")
-        loaded = load_yaml_file(path)
-        for section, value in loaded.items():
-            if isinstance(value, dict):
-                raw.update({f"{section}.{k}": v for k, v in value.items()})
-            else:
-                raw[section] = value
-        if args.smoke_test:
-            raw.update(CONFIG_SMOKE)
-    else:
-        raw.update(PRESETS["smoke" if args.smoke_test else "default"])
-        raw.update(EMBEDDED_DEFAULTS)
+        raw.update(dotted(load_yaml_file(path)))
+    if args.smoke_test:
+        raw.update(preset(SMOKE_CONFIG_PRESET if args.config else SMOKE_PRESET))
     if args.tasks:
         raw["order"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    elif args.smoke_test:
-        raw["order"] = list(SMOKE_TASKS)
-    elif "order" not in raw:
-        from coin_ray.tasks import TASK_NAMES
-
-        raw["order"] = list(TASK_NAMES)
     if args.workers_per_trial is not None:
         raw["scaling.num_workers"] = args.workers_per_trial
     if args.gpus_per_worker:
