@@ -21,7 +21,7 @@ import re
 import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Mapping, Union, get_args, get_origin, get_type_hints
 
 from coin_ray.errors import UserError
 
@@ -37,6 +37,8 @@ __all__ = [
     "ExperimentConfig",
     "TRACKING_SCHEMES",
     "coerce_field",
+    "divisible_rank",
+    "expert_problems",
     "dotted",
     "load_yaml_file",
     "preset",
@@ -54,6 +56,38 @@ JUDGES = ("none", "embedding", "llm")  # = coin_ray.evaluation.judges.JUDGE_KIND
 
 # MLflow stores a tracking URI may name (SQLAlchemy dialects may carry a driver: postgresql+psycopg2://)
 TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc")
+
+
+def divisible_rank(rank: int, num_experts: int) -> int:
+    """The smallest multiple of `num_experts` that is >= `rank`: the total rank a MoELoRA of `num_experts`
+    experts can have (each expert gets rank / num_experts). The one rounding rule: config errors suggest it,
+    and the hyper-parameter search applies it to a sampled (experts, rank) pair."""
+    return -(-rank // num_experts) * num_experts
+
+
+def expert_problems(num_experts: int, rank: int, top_k: int | None, prefix: str = "") -> list[str]:
+    """Every broken rule among MoELoRA's expert-shape values, each with the value received and a fix. The one
+    place of these rules: the experiment config (prefix "tuner."), MoELoRAConfig and the layer/router
+    builders all call it."""
+    problems = []
+    if not isinstance(num_experts, int) or num_experts < 1:
+        problems.append(f"{prefix}num_experts ({num_experts!r}) must be an integer >= 1: use num_experts=4")
+    if not isinstance(rank, int) or rank < 1:
+        problems.append(f"{prefix}rank ({rank!r}) must be an integer >= 1: use rank=16")
+    if not problems and rank % num_experts:
+        problems.append(
+            f"{prefix}rank ({rank}) must be divisible by {prefix}num_experts ({num_experts}): use "
+            f"rank={divisible_rank(rank, num_experts)} (each expert gets rank r/E)"
+        )
+    if top_k is not None and (
+        not isinstance(top_k, int) or top_k < 1 or (isinstance(num_experts, int) and top_k > num_experts)
+    ):
+        problems.append(
+            f"{prefix}top_k ({top_k!r}) must be None (dense routing) or an integer in [1, num_experts={num_experts}]: "
+            f"use top_k=None or top_k={min(2, max(1, num_experts)) if isinstance(num_experts, int) else 2}"
+        )
+    return problems
+
 
 
 class ConfigError(UserError):
@@ -176,21 +210,31 @@ class TunerConfig:
     target_modules: tuple[str, ...] | None = None  # None = every Linear of the language model
     top_k: int | None = None  # beyond CoIN: sparse routing
     aux_loss_weight: float = 0.0  # beyond CoIN: load-balancing loss weight
+    init_std: float = 0.01  # MoELoRA: std of the normal init of each expert's A (B starts at zero)
+
+    # the fields each method reads; the others do not change its result (stage keys leave them out)
+    METHOD_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "moelora": ("num_experts", "rank", "alpha", "dropout", "target_modules", "top_k", "aux_loss_weight",
+                    "init_std"),
+        "lora": ("rank", "alpha", "dropout", "target_modules"),
+        "full": (),
+    }
+
+    def options(self) -> dict[str, Any]:
+        """The chosen method's hyper-parameters, as `apply_tuner(model, method, **options)` takes them."""
+        return {name: getattr(self, name) for name in self.METHOD_FIELDS.get(self.method, ())}
 
     def problems(self) -> list[str]:
         p: list[str] = []
         _check(p, self.method in METHODS, f"tuner.method must be one of {METHODS}, got {self.method!r}")
-        _check(p, self.num_experts >= 1, f"tuner.num_experts must be >= 1, got {self.num_experts}")
         _check(p, self.rank >= 1, f"tuner.rank must be >= 1, got {self.rank}")
+        _check(p, self.num_experts >= 1, f"tuner.num_experts must be >= 1, got {self.num_experts}")
         if self.method == "moelora" and self.num_experts >= 1 and self.rank >= 1:
-            _check(p, self.rank % self.num_experts == 0,
-                   f"tuner.rank ({self.rank}) must be divisible by tuner.num_experts ({self.num_experts}): "
-                   f"use rank={max(self.num_experts, self.rank - self.rank % self.num_experts)}")
+            p += expert_problems(self.num_experts, self.rank, self.top_k, prefix="tuner.")
         _check(p, 0.0 <= self.dropout < 1.0, f"tuner.dropout must be in [0, 1), got {self.dropout}")
-        if self.top_k is not None:
-            _check(p, 1 <= self.top_k <= self.num_experts,
-                   f"tuner.top_k ({self.top_k}) must be in [1, num_experts={self.num_experts}]")
+        _check(p, self.alpha > 0, f"tuner.alpha must be > 0, got {self.alpha} (CoIN: alpha = 2 x rank)")
         _check(p, self.aux_loss_weight >= 0, f"tuner.aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+        _check(p, self.init_std > 0, f"tuner.init_std must be > 0, got {self.init_std}")
         return p
 
 

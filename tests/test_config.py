@@ -40,7 +40,7 @@ def test_all_problems_reported_together():
                                     "order": ["ScienceQA", "Nope", "ScienceQA"], "tuner.bogus": 1})
     text = str(e.value)
     assert "unknown key tuner.bogus" in text
-    assert "rank (30) must be divisible by tuner.num_experts (4): use rank=28" in text
+    assert "tuner.rank (30) must be divisible by tuner.num_experts (4): use rank=32" in text
     assert "train.batch_size must be >= 1, got 0" in text
     assert "unknown task(s) ['Nope']" in text
     assert "more than once" in text

@@ -90,7 +90,7 @@ def given_orders(tasks: Sequence[str] | None, orders: Sequence[Sequence[str] | s
     parsed = [validate_order([t.strip() for t in o.split(">")] if isinstance(o, str) else o) for o in orders]
     if not parsed:
         raise DesignError("--design given needs at least one order: --orders 'ScienceQA>TextVQA;TextVQA>ScienceQA'")
-    base = set(tasks) if tasks else set(parsed[0])
+    base = set(validate_order(tasks)) if tasks else set(parsed[0])  # canonical spelling on both sides
     bad = [">".join(o) for o in parsed if set(o) != base or len(o) != len(base)]
     if bad:
         raise DesignError(f"given orders must all be permutations of {sorted(base)}; these are not: {bad}")

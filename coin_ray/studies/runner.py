@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from coin_ray.config import ExperimentConfig
+from coin_ray.config import ExperimentConfig, divisible_rank
 from coin_ray.training.types import PreparedData
 
 ORDER_KEY = "order"
@@ -53,12 +53,13 @@ def trial_config(base: dict[str, Any], config: dict[str, Any], data_hash: str = 
         order = cfg.order
     seed = int(config.get(SEED_KEY, cfg.train.seed))
     hparams = {k[len(HP_PREFIX):]: v for k, v in config.items() if k.startswith(HP_PREFIX)}
+    # a MoELoRA rank must be divisible by the expert count (rank is the total rank r): a sampled pair takes the
+    # next multiple (coin_ray.config.divisible_rank), and the trial's name says the rank it trains with
+    method = hparams.get("tuner.method", cfg.tuner.method)
+    if method == "moelora" and ("tuner.num_experts" in hparams or "tuner.rank" in hparams):
+        e = int(hparams.get("tuner.num_experts", cfg.tuner.num_experts))
+        hparams["tuner.rank"] = divisible_rank(int(hparams.get("tuner.rank", cfg.tuner.rank)), e)
     changes = dict(hparams)
-    # keep rank divisible by the expert count when both are searched (rank is total rank r)
-    if "tuner.num_experts" in changes or "tuner.rank" in changes:
-        e = int(changes.get("tuner.num_experts", cfg.tuner.num_experts))
-        r = int(changes.get("tuner.rank", cfg.tuner.rank))
-        changes["tuner.rank"] = max(e, r - r % e)
     cfg = cfg.replace(order=list(order), **{"train.seed": seed}, **changes)
     return cfg.replace(name=trial_name(order, seed, hparams, config_hash(cfg.flatten(), data_hash)))
 

@@ -47,10 +47,7 @@ def build_model(cfg: ExperimentConfig, storage_path: Path, device: torch.device 
     from coin_ray.tuners import apply_tuner
 
     model, processor = build_base(cfg, storage_path, device)
-    t = cfg.tuner
     torch.manual_seed(cfg.train.seed)
-    apply_tuner(model, t.method, num_experts=t.num_experts, rank=t.rank, alpha=t.alpha, dropout=t.dropout,
-                target_modules=list(t.target_modules) if t.target_modules else None, top_k=t.top_k,
-                aux_loss_weight=t.aux_loss_weight)
+    apply_tuner(model, cfg.tuner.method, **cfg.tuner.options())
     fp32_master_weights(model)
     return model, processor

@@ -44,7 +44,10 @@ def stage_material(cfg: ExperimentConfig, data_hash: str, prefix: tuple[str, ...
     Evaluation settings are not part of it: evaluation cells are cached per task inside the entry, and
     eval settings that change scores (max_test_rows) go into the cell key."""
     flat = cfg.flatten()
-    material = {k: v for k, v in flat.items() if k.split(".")[0] in ("model", "tuner", "train")}
+    material = {k: v for k, v in flat.items() if k.split(".")[0] in ("model", "train")}
+    # only the fields the tuning method reads: LoRA trials that differ only in num_experts share stages
+    material["tuner.method"] = cfg.tuner.method
+    material.update({f"tuner.{k}": flat[f"tuner.{k}"] for k in cfg.tuner.METHOD_FIELDS[cfg.tuner.method]})
     material.update({
         "data.benchmark": cfg.data.benchmark,
         "data.max_train_rows": cfg.data.max_train_rows,

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from coin_ray.config import METHODS, TunerConfig
 from coin_ray.tuners._targets import (
     PROJECTOR_COMPONENTS,
     is_vision_module,
@@ -15,32 +16,23 @@ from coin_ray.tuners._targets import (
 )
 from coin_ray.tuners.moelora import MoELoRAConfig, MoELoRALinear, inject_moelora, moelora_aux_loss
 
-TUNER_METHODS = ("moelora", "lora", "full")
+TUNER_METHODS = METHODS
 TUNER_CONFIG_ATTR = "coin_tuner_config"  # apply_tuner records its arguments here; save_tuner reads them
+LORA_OPTIONS = TunerConfig.METHOD_FIELDS["lora"]
 
 
-def apply_tuner(
-    model: nn.Module,
-    method: str,
-    *,
-    num_experts: int = 4,
-    rank: int = 16,
-    alpha: float = 32.0,
-    dropout: float = 0.05,
-    target_modules: str | Sequence[str] | None = None,
-    top_k: int | None = None,
-    aux_loss_weight: float = 0.0,
-    init_std: float = 0.01,
-    trainable_modules: Sequence[str] | None = None,
-) -> nn.Module:
+def apply_tuner(model: nn.Module, method: str, *, trainable_modules: Sequence[str] | None = None,
+                **options: Any) -> nn.Module:
     """Make `model` trainable with one tuning method, in place, and return it (same object, same class).
 
-    - "moelora": MoELoRA layers (num_experts, rank = total rank, alpha, dropout, top_k, aux_loss_weight,
-      init_std) on the target Linears; only `moelora_*` parameters train.
+    `options` are the method's hyper-parameters, named as the fields of `coin_ray.config.TunerConfig`
+    (`TunerConfig.options()` gives exactly the ones a method reads; defaults are MoELoRAConfig's):
+    - "moelora": MoELoRAConfig(**options) - num_experts, rank (total rank), alpha, dropout, target_modules,
+      top_k, aux_loss_weight, init_std - on the target Linears; only `moelora_*` parameters train.
     - "lora": peft LoRA with r=rank, lora_alpha=alpha, lora_dropout=dropout on the *same* resolved targets;
-      only `lora_*` parameters train. The MoE-only arguments are ignored.
-    - "full": every parameter outside the vision tower and the projector trains (the projector follows
-      `trainable_modules`). Adapter arguments are ignored.
+      only `lora_*` parameters train.
+    - "full": every parameter outside the vision tower and the projector trains; it reads no options.
+    A method ignores the options only another method reads (LoRA ignores num_experts).
     For all methods everything else is frozen, and the modules named by `trainable_modules` (name suffixes)
     train fully. Default None: the multimodal projector when the model has one (so a plain causal LM works).
     Targets (`target_modules`): see resolve_target_modules. The arguments are recorded on the model for
@@ -48,6 +40,12 @@ def apply_tuner(
     """
     if method not in TUNER_METHODS:
         raise ValueError(f"unknown tuner method {method!r}: use one of {', '.join(TUNER_METHODS)}")
+    known = TunerConfig.METHOD_FIELDS["moelora"]  # every option of every method
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown tuner option(s) {unknown}: the options are {', '.join(known)}")
+    allowed = TunerConfig.METHOD_FIELDS[method]  # a method ignores the others' options (LoRA: num_experts)
+    options = {k: v for k, v in options.items() if k in allowed}
     already = [name for name, module in model.named_modules() if _is_adapter_layer(module)]
     if already:
         raise ValueError(
@@ -62,43 +60,29 @@ def apply_tuner(
 
     model.requires_grad_(False)
     if method == "moelora":
-        config = MoELoRAConfig(
-            num_experts=num_experts,
-            rank=rank,
-            alpha=alpha,
-            dropout=dropout,
-            target_modules=target_modules,
-            top_k=top_k,
-            aux_loss_weight=aux_loss_weight,
-            init_std=init_std,
-        )
+        config = MoELoRAConfig(**options)
         inject_moelora(model, config)
         for name, param in model.named_parameters():
             if ".moelora_" in name:
                 param.requires_grad_(True)
+        recorded_options = {f: getattr(config, f) for f in allowed}
     elif method == "lora":
-        _inject_peft_lora(model, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules)
+        defaults = MoELoRAConfig()
+        recorded_options = {f: options.get(f, getattr(defaults, f)) for f in LORA_OPTIONS}
+        _inject_peft_lora(model, **recorded_options)
     else:
+        recorded_options = {}
         for name, param in model.named_parameters():
             if not is_vision_module(name) and not any(part in PROJECTOR_COMPONENTS for part in name.split(".")):
                 param.requires_grad_(True)
     for name in trainable_names:
         model.get_submodule(name).requires_grad_(True)
 
-    recorded: dict[str, Any] = {
-        "method": method,
-        "num_experts": num_experts,
-        "rank": rank,
-        "alpha": alpha,
-        "dropout": dropout,
-        "target_modules": target_modules if target_modules is None or isinstance(target_modules, str)
-        else list(target_modules),
-        "top_k": top_k,
-        "aux_loss_weight": aux_loss_weight,
-        "init_std": init_std,
-        "trainable_modules": None if trainable_modules is None else list(trainable_modules),
-    }
-    setattr(model, TUNER_CONFIG_ATTR, recorded)
+    target = recorded_options.get("target_modules")
+    if target is not None and not isinstance(target, str):
+        recorded_options["target_modules"] = list(target)
+    setattr(model, TUNER_CONFIG_ATTR, {"method": method, **recorded_options,
+                                       "trainable_modules": None if trainable_modules is None else list(trainable_modules)})
     return model
 
 

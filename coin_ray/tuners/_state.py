@@ -6,7 +6,6 @@ bit for bit, and training continues from exactly the saved parameters.
 """
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from coin_ray.config import TunerConfig
 from coin_ray.tuners._apply import TUNER_CONFIG_ATTR, apply_tuner
 
 TUNER_CONFIG_NAME = "tuner_config.json"
@@ -57,7 +57,7 @@ def load_trainable_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
 
 
 def _check_tuner_config(tuner_config: dict[str, Any]) -> None:
-    accepted = set(inspect.signature(apply_tuner).parameters) - {"model"}
+    accepted = {"method", "trainable_modules", *TunerConfig.METHOD_FIELDS["moelora"]}
     unknown = sorted(set(tuner_config) - accepted)
     if "method" not in tuner_config or unknown:
         raise ValueError(
@@ -100,6 +100,10 @@ def load_tuner(model: nn.Module, directory: str | Path) -> nn.Module:
     tuner_config = json.loads(config_path.read_text())
     _check_tuner_config(tuner_config)
     arguments = dict(tuner_config)
-    apply_tuner(model, arguments.pop("method"), **arguments)
+    method = arguments.pop("method")
+    trainable = arguments.pop("trainable_modules", None)
+    # folders written before options were recorded per method also hold the other methods' (unused) values
+    used = TunerConfig.METHOD_FIELDS.get(method, ())
+    apply_tuner(model, method, trainable_modules=trainable, **{k: v for k, v in arguments.items() if k in used})
     load_trainable_state_dict(model, load_file(str(weights_path)))
     return model

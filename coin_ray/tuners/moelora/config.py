@@ -4,34 +4,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from coin_ray.config import expert_problems  # the expert-shape rules, shared with the experiment config
 
-def expert_problems(num_experts: int, rank: int, top_k: int | None) -> list[str]:
-    """Every broken rule among the expert-shape arguments, each with the value received and a fix.
-    Shared by MoELoRAConfig and the layer/router builders so the rules live in one place."""
-    problems = []
-    if not isinstance(num_experts, int) or num_experts < 1:
-        problems.append(f"num_experts ({num_experts!r}) must be an integer >= 1: use num_experts=4")
-    if not isinstance(rank, int) or rank < 1:
-        problems.append(f"rank ({rank!r}) must be an integer >= 1: use rank=16")
-    if not problems and rank % num_experts:
-        fix = -(-rank // num_experts) * num_experts
-        problems.append(
-            f"rank ({rank}) must be divisible by num_experts ({num_experts}): use rank={fix} "
-            "(each expert gets rank r/E)"
-        )
-    if top_k is not None and (
-        not isinstance(top_k, int) or top_k < 1 or (isinstance(num_experts, int) and top_k > num_experts)
-    ):
-        problems.append(
-            f"top_k ({top_k!r}) must be None (dense routing) or an integer in [1, num_experts={num_experts}]: "
-            f"use top_k=None or top_k={min(2, max(1, num_experts)) if isinstance(num_experts, int) else 2}"
-        )
-    return problems
+__all__ = ["MoELoRAConfig", "expert_problems"]
 
 
 @dataclass(frozen=True)
 class MoELoRAConfig:
-    """Mixture-of-LoRA-experts adapter as CoIN defines it (see ../shared/COIN.md).
+    """Mixture-of-LoRA-experts adapter as CoIN defines it.
 
     Each adapted Linear gets `num_experts` LoRA pairs of rank `rank // num_experts` (total rank `rank`, so the
     parameter count equals a LoRA of rank `rank` plus one `in_features x num_experts` router per layer).
