@@ -110,7 +110,7 @@ def pad_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, int
         n = len(r["input_ids"])
         span = slice(width - n, width) if left else slice(0, n)
         for name, _ in columns:
-            out[name][i, span] = torch.as_tensor(np.asarray(r[name], dtype=np.int64))
+            out[name][i, span] = torch.from_numpy(np.array(r[name], dtype=np.int64))
         out["attention_mask"][i, span] = 1
     return out
 

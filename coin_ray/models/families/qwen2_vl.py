@@ -68,7 +68,8 @@ class Qwen2VL(Family):
     example = "Qwen2-VL-7B-Instruct"
     processor_classes = ("Qwen2VLProcessor",)
     prompts = ("checkpoint",)
-    vision_components = ("visual",)  # the merger (its projector) is model.visual.merger
+    vision_components = ("visual",)
+    projector_components = ("merger",)  # model.visual.merger: trains like LLaVA's projector, never adapted
     image_columns = ("pixel_values", "image_grid_thw")
     token_columns = ("mm_token_type_ids",)
 
