@@ -25,6 +25,15 @@ TRAIN_COLUMNS = ["id", "task", "index", "input_ids", "labels", "pixel_values", "
 TEST_COLUMNS = ["question_id", "task", "index", "input_ids", "pixel_values", "question", "reference", "size"]
 
 
+def stored_columns(model_source: str) -> dict[str, list[str]]:
+    """The columns of each split kind for the model's family: LLaVA's are TRAIN_COLUMNS / TEST_COLUMNS; a
+    family with more image columns (Qwen2-VL: image_grid_thw, mm_token_type_ids) adds them."""
+    from coin_ray.models.families import family_for_source
+
+    extra = list(family_for_source(model_source).extra_columns)
+    return {"train": TRAIN_COLUMNS + extra, "test": TEST_COLUMNS + extra}
+
+
 def load_processor(model_source: str, model_kwargs: dict[str, Any]) -> Any:
     """The model's processor only (tokenizer + image processor), without loading model weights."""
     import coin_ray.models as models
@@ -103,14 +112,19 @@ class Encoder:
 
         import coin_ray.models as models
 
+        from coin_ray.models.families import family_of
+
         self._models = models
         self.processor = load_processor(model_source, model_kwargs)
+        self._family = family_of(self.processor)
+        self._columns = ["pixel_values", *self._family.extra_columns]
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels
         self.sink = sink
         self._hf = _HFImages()
         probe = models.encode_prompt_batch(self.processor, ["probe"], [Image.new("RGB", (8, 8))])
-        self._pixel_shape = tuple(np.asarray(probe["pixel_values"][0]).shape)  # for all-rejected batches
+        # per-row shapes, for all-rejected batches
+        self._empty = {c: tuple(np.asarray(probe[c][0]).shape) for c in self._columns}
 
     def _load(self, item: dict[str, Any]) -> Any:
         return _decode(self._hf.get(json.loads(item["hf_image"])) if item["hf_image"] else item["image"],
@@ -140,7 +154,7 @@ class Encoder:
                                            f"image {item['image'] or 'embedded in the HF dataset'} cannot be "
                                            f"decoded ({type(e).__name__}: {e})"))
         rows: list[dict[str, Any]] = []
-        pixels: list[np.ndarray] = []
+        images_out: dict[str, list[np.ndarray]] = {c: [] for c in self._columns}
         train = [i for i in images if items[i]["split"] == "train"]
         if train:
             enc = self._models.encode_train_batch(
@@ -154,7 +168,8 @@ class Encoder:
                     continue
                 rows.append(_row(items[i], id=items[i]["id"], input_ids=enc["input_ids"][k], labels=enc["labels"][k],
                                  answer=items[i]["answer"]))
-                pixels.append(enc["pixel_values"][k])
+                for c in self._columns:
+                    images_out[c].append(enc[c][k])
         test = [i for i in images if items[i]["split"] != "train"]
         if test:
             enc = self._models.encode_prompt_batch(
@@ -162,8 +177,9 @@ class Encoder:
             for k, i in enumerate(test):
                 rows.append(_row(items[i], question_id=items[i]["id"], input_ids=enc["input_ids"][k],
                                  reference=items[i]["reference"], size=items[i]["size"]))
-                pixels.append(enc["pixel_values"][k])
-        return _to_table(rows, pixels, self._pixel_shape), rejected
+                for c in self._columns:
+                    images_out[c].append(enc[c][k])
+        return _to_table(rows, self._family.arrow_columns(images_out, self._empty)), rejected
 
 
 def _rejection(item: dict[str, Any], kind: str, reason: str) -> dict[str, Any]:
@@ -187,15 +203,14 @@ _SCHEMA_NO_PIXELS = pa.schema([
 ])
 
 
-def _to_table(rows: list[dict[str, Any]], pixels: list[np.ndarray], pixel_shape: tuple[int, ...]) -> pa.Table:
-    from ray.data.extensions import ArrowTensorArray
-
+def _to_table(rows: list[dict[str, Any]], image_columns: dict[str, Any]) -> pa.Table:
+    """The stored rows: the fixed columns, then the family's image columns (LLaVA: pixel_values only, as a
+    fixed-shape tensor column)."""
     columns = {}
     for f in _SCHEMA_NO_PIXELS:
         values = [r[f.name] for r in rows]
         if f.type == _LIST_I32:
             values = [None if v is None else np.asarray(v, dtype=np.int32) for v in values]
         columns[f.name] = pa.array(values, type=f.type)
-    stacked = np.stack(pixels).astype(np.float32, copy=False) if pixels else np.zeros((0, *pixel_shape), np.float32)
-    columns["pixel_values"] = ArrowTensorArray.from_numpy(stacked)
+    columns.update(image_columns)
     return pa.table(columns)

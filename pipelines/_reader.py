@@ -36,7 +36,9 @@ def load_split(out: str | Path, task: str, split: str, *, in_memory: bool = Fals
         raise PipelineInputError(
             f"{task}/{split} in {out} has 0 rows ({splits[split]['rejected']} rejected): see "
             f"{Path(out) / manifest['rejected_file']}")
-    columns = TRAIN_COLUMNS if split == "train" else TEST_COLUMNS
+    # the manifest names the model family's columns (older manifests: LLaVA's)
+    columns = manifest.get("columns", {}).get("train" if split == "train" else "test") or (
+        TRAIN_COLUMNS if split == "train" else TEST_COLUMNS)
     folder = Path(out).expanduser() / task / split
     if in_memory:
         import pyarrow.dataset as pads

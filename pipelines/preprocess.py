@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipelines import _hf
-from pipelines._encode import PARTITION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS, Encoder, RejectionSink
+from pipelines._encode import PARTITION_COLUMNS, Encoder, RejectionSink, stored_columns
 from pipelines._hashing import ContentHasher
 from pipelines._records import (DEFAULT_MAX_IMAGE_PIXELS, PipelineInputError, Rejection, SplitRecords,
                                 read_json_list, split_files, validate_records)
@@ -171,7 +171,7 @@ def preprocess(
         "hash_method": HASH_METHOD,
         "tasks": _split_summary(p.splits, rejections, tmp),
         "config": p.config,
-        "columns": {"train": TRAIN_COLUMNS, "test": TEST_COLUMNS},
+        "columns": stored_columns(model_source),
         "rejected_file": "rejected.jsonl",
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -20,26 +20,9 @@ from coin_ray.models import (
     load_vlm,
 )
 from coin_ray.models._precision import resolve_autocast, resolve_dtype
+from _checkpoints import TINY, continual_cfg, finite_adapters, save_tiny_checkpoint
 
 CPU = torch.device("cpu")
-TINY = dict(hidden=64, intermediate=128)
-ORDER = ["ScienceQA", "TextVQA"]
-
-
-def save_tiny_checkpoint(folder: Path, dtype: torch.dtype, chat_template: str | None = None,
-                         poisoned: bool = False) -> Path:
-    """A llava-1.5-hf-layout folder: LlavaForConditionalGeneration (CLIP vision + Llama text), the offline
-    tokenizer and a LlavaProcessor, weights saved in `dtype` with save_pretrained. `poisoned`: one lm_head row is
-    inf (a corrupt checkpoint), so every loss is NaN."""
-    model, processor = build_tiny_vlm(**TINY)
-    if poisoned:
-        with torch.no_grad():
-            model.lm_head.weight[7] = math.inf
-    model.to(dtype).save_pretrained(folder)
-    if chat_template is not None:
-        processor.chat_template = chat_template
-    processor.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +30,6 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     return {name: save_tiny_checkpoint(root / name, dtype)
             for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16))}
-
-
-def _cfg(storage, name, source, **extra):
-    return ExperimentConfig.from_dict({
-        "order": ORDER, "name": name, "storage_path": str(storage), "scaling.num_workers": 0, "eval.judge": "none",
-        "model.pretrain_steps": 0,
-        "model.source": str(source), "train.max_steps": 6, "train.batch_size": 8, "train.lr": 0.004,
-        "data.train_rows": 32, "data.test_rows": 8, "eval.batch_size": 8, "tuner.rank": 8, "tuner.num_experts": 2,
-        **extra})
 
 
 # ---- precision policy ------------------------------------------------------------------------------------------
@@ -108,7 +82,7 @@ def _one_batch(processor):
 def test_trainable_parameters_are_fp32_masters_in_a_bf16_base(checkpoints, tmp_path, method, autocast):
     from coin_ray.training.build import build_model
 
-    cfg = _cfg(tmp_path, "masters", checkpoints["float16"], **{"model.dtype": "bf16", "tuner.method": method})
+    cfg = continual_cfg(tmp_path, "masters", checkpoints["float16"], **{"model.dtype": "bf16", "tuner.method": method})
     model, processor = build_model(cfg, tmp_path, CPU)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -254,26 +228,14 @@ def test_error_summary_finds_the_workers_error_line():
 
 # ---- the continual loop on real checkpoint folders (Ray Data serves the shards) --------------------------------
 
-def _finite_adapters(stages: list[dict]) -> bool:
-    from safetensors.torch import load_file
-
-    from coin_ray.tuners import TUNER_WEIGHTS_NAME
-
-    for s in stages:
-        weights = load_file(str(Path(s["path"]) / "checkpoint" / "adapter" / TUNER_WEIGHTS_NAME))
-        if not weights or not all(bool(torch.isfinite(t).all()) for t in weights.values()):
-            return False
-    return True
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("saved", ["float16", "bfloat16"])
 def test_continual_run_on_half_precision_checkpoints(ray_cluster, checkpoints, tmp_path, saved):
     from coin_ray.training import prepare_data, run_continual
 
-    data = prepare_data(_cfg(tmp_path, "prep", checkpoints[saved]))
+    data = prepare_data(continual_cfg(tmp_path, "prep", checkpoints[saved]))
     for precision, dtype in (("bf16", "bf16"), ("auto", "auto"), ("bf16", "auto")):
-        cfg = _cfg(tmp_path, f"{saved}-{precision}-{dtype}", checkpoints[saved],
+        cfg = continual_cfg(tmp_path, f"{saved}-{precision}-{dtype}", checkpoints[saved],
                    **{"train.precision": precision, "model.dtype": dtype})
         result = run_continual(cfg, prepared=data)
         assert len(result.matrix) == 2 and all(v is not None and 0 <= v <= 1 for row in result.matrix for v in row)
@@ -282,7 +244,7 @@ def test_continual_run_on_half_precision_checkpoints(ray_cluster, checkpoints, t
         for s in stages:
             losses = json.loads((Path(s["path"]) / "checkpoint" / "train_losses.json").read_text())
             assert len(losses) == 6 and all(math.isfinite(loss) for _, loss in losses)
-        assert _finite_adapters(stages)
+        assert finite_adapters(stages)
 
 
 @pytest.mark.integration
@@ -291,7 +253,7 @@ def test_non_finite_loss_stops_the_stage_and_saves_nothing(ray_cluster, checkpoi
     from coin_ray.training.train import NonFiniteError
 
     folder = save_tiny_checkpoint(tmp_path / "poisoned", torch.float16, poisoned=True)
-    cfg = _cfg(tmp_path, "explodes", folder, **{"train.warmup_ratio": 0.0})
+    cfg = continual_cfg(tmp_path, "explodes", folder, **{"train.warmup_ratio": 0.0})
     data = prepare_data(cfg)
     with pytest.raises(NonFiniteError, match=r"non-finite loss in trial explodes, stage 0 \(ScienceQA\), step 1: "
                                              r"loss = nan at lr 0.004"):
@@ -340,7 +302,7 @@ def test_sweep_on_a_float16_folder_and_a_failing_trial_exits_non_zero(tmp_path):
     for s in stages:
         losses = json.loads((Path(s["path"]) / "checkpoint" / "train_losses.json").read_text())
         assert losses and all(math.isfinite(loss) for _, loss in losses)
-    assert _finite_adapters(stages)
+    assert finite_adapters(stages)
 
     store = tmp_path / "runs" / "stage_store"
     entries_before = sorted(p.name for p in store.iterdir() if (p / "meta.json").is_file())

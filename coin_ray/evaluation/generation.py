@@ -51,6 +51,8 @@ def _column_values(column: Any) -> list[Any]:
 
     if isinstance(column.type, pa.ExtensionType):  # Ray's tensor extension (pixel_values)
         return list(column.to_numpy())
+    if pa.types.is_list(column.type) and pa.types.is_floating(column.type.value_type):  # flattened patches
+        return list(column.to_numpy(zero_copy_only=False))
     return column.to_pylist()
 
 
@@ -68,14 +70,17 @@ def evaluate_task(model: torch.nn.Module, processor: Any, task: str, split_dir: 
     A knowledge score exists only when the judge rated every reply: with any failure (judge down, unparseable
     answer) `knowledge` is None and `knowledge_error` says why; the instruction score is kept either way."""
     from coin_ray.models import generate_batch
+    from coin_ray.models.families import family_of
 
+    extra = family_of(processor).extra_columns
     spec = get_task(task)
     rows: list[dict[str, Any]] = []
     model.eval()
     for batch in iter_test_batches(split_dir, batch_size, rank, world, max_rows):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             replies = generate_batch(model, processor, [list(map(int, ids)) for ids in batch["input_ids"]],
-                                     batch["pixel_values"], max_new_tokens=spec.max_new_tokens)
+                                     batch["pixel_values"], max_new_tokens=spec.max_new_tokens,
+                                     **{c: batch[c] for c in extra})
         for i, reply in enumerate(replies):
             reference = json.loads(batch["reference"][i])
             rows.append({

@@ -1,7 +1,8 @@
-"""Build a LLaVA-style VLM: a tiny one from config (offline, CPU-sized) or a local pretrained folder.
+"""Build a VLM: a tiny LLaVA from config (offline, CPU-sized) or a local pretrained folder of a supported family.
 
-Both give a transformers ``LlavaForConditionalGeneration`` (or whatever AutoModelForImageTextToText
-resolves a folder to) and a real ``LlavaProcessor``, so everything downstream runs one code path.
+The tiny model is a transformers ``LlavaForConditionalGeneration`` with a real ``LlavaProcessor``; a folder
+loads as whatever AutoModelForImageTextToText resolves it to, with its family's processor
+(coin_ray.models.families), so everything downstream runs one code path.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any
 import torch
 from transformers import (
     AutoModelForImageTextToText,
-    AutoProcessor,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
@@ -24,6 +24,7 @@ from transformers import (
 
 from coin_ray.errors import UserError
 from coin_ray.models._precision import TORCH_DTYPES
+from coin_ray.models.families import FAMILIES, FAMILY_ATTR
 from coin_ray.models._tokenizer import build_tokenizer
 
 __all__ = ["ModelSourceError", "SUPPORTED_FAMILIES", "build_processor", "build_tiny_vlm", "build_vlm",
@@ -31,7 +32,7 @@ __all__ = ["ModelSourceError", "SUPPORTED_FAMILIES", "build_processor", "build_t
 
 # model_type in config.json -> the class that loads it; the families the prompt, image-token expansion and
 # tuner targets are written for
-SUPPORTED_FAMILIES = {"llava": "LlavaForConditionalGeneration"}
+SUPPORTED_FAMILIES = {name: family.architecture for name, family in FAMILIES.items()}
 PROMPT_ATTR = "coin_prompt"  # on a processor: "vicuna_v1" or "checkpoint" (see coin_ray.models._chat)
 
 
@@ -150,7 +151,8 @@ def check_model_source(source: str | Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise ModelSourceError(
             f"model.source {str(source)!r} is not a local folder: pass 'tiny' for the built-in model or the path "
-            "of a checkpoint folder holding config.json (e.g. llava-1.5-7b-hf); nothing is downloaded")
+            "of a checkpoint folder holding config.json (e.g. llava-1.5-7b-hf or Qwen2-VL-7B-Instruct); nothing is "
+            "downloaded")
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"model folder {str(folder)!r} has no config.json: is it a transformers checkpoint?")
     try:
@@ -163,7 +165,7 @@ def check_model_source(source: str | Path) -> dict[str, Any]:
         raise ModelSourceError(
             f"model folder {str(folder)!r} holds a {model_type!r} checkpoint ({arch}), not an image-text model of a "
             f"supported family ({', '.join(f'{k}: {v}' for k, v in SUPPORTED_FAMILIES.items())}): point model.source "
-            "at e.g. a llava-1.5-7b-hf folder")
+            f"at e.g. a {' or '.join(f.example for f in FAMILIES.values())} folder")
     has_processor = any((folder / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
     has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
     if not (has_processor and has_tokenizer):
@@ -188,25 +190,41 @@ def load_vlm(path: str | Path, dtype: str | torch.dtype = "auto") -> tuple[PreTr
         dtype = _DTYPES[dtype]
     folder = Path(path).expanduser()
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, local_files_only=True)
-    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    processor = _folder_processor(folder)
     model.eval()
     return model, processor
 
 
 def build_processor(source: str = "tiny", prompt: str = "vicuna_v1", **tiny_kwargs: Any) -> ProcessorMixin:
     """The model's processor only (tokenizer + image processor), without loading weights: the tiny model's,
-    or the checkpoint folder's own (its image size, image-token count and `<image>` expansion). `prompt`
-    ("vicuna_v1" or "checkpoint": the folder's chat template) is recorded on it for the prompt builders."""
+    or the checkpoint folder's own (its image size, image-token count and image-token expansion). `prompt`
+    ("vicuna_v1" or "checkpoint": the folder's chat template) is recorded on it for the prompt builders; a
+    family that supports only its chat template (Qwen2-VL) refuses vicuna_v1."""
     if source == "tiny":
         processor = build_tiny_vlm(**tiny_kwargs)[1]  # building the tiny model costs milliseconds
+        setattr(processor, FAMILY_ATTR, "llava")
     else:
-        check_model_source(source)
-        processor = AutoProcessor.from_pretrained(Path(source).expanduser(), local_files_only=True)
+        family = FAMILIES[check_model_source(source)["model_type"]]
+        if prompt not in family.prompts:
+            raise ModelSourceError(
+                f"model.prompt is {prompt!r} but {source!r} is a {family.name} checkpoint, which is prompted with "
+                f"{' or '.join(family.prompts)} only: set model.prompt {family.prompts[0]}")
+        processor = _folder_processor(Path(source).expanduser())
         if prompt == "checkpoint" and not getattr(processor, "chat_template", None):
             raise ModelSourceError(
                 f"model.prompt is 'checkpoint' but the processor in {source!r} has no chat_template: use "
                 "model.prompt vicuna_v1 (CoIN's prompt) or save a processor with a chat template")
     setattr(processor, PROMPT_ATTR, prompt)
+    return processor
+
+
+def _folder_processor(folder: Path) -> ProcessorMixin:
+    """The processor of a checked checkpoint folder, as its family loads it, tagged with the family."""
+    import json
+
+    name = json.loads((folder / "config.json").read_text())["model_type"]
+    processor = FAMILIES[name].load_processor(folder)
+    setattr(processor, FAMILY_ATTR, name)
     return processor
 
 

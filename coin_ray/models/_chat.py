@@ -1,7 +1,8 @@
-"""LLaVA's vicuna_v1 chat format, image pad-to-square, and tokenisation of training/prompt rows.
+"""Tokenisation of training/prompt rows for every backbone family, and LLaVA's image pad-to-square.
 
-The same functions serve the tiny model and a real llava-1.5 folder: image tokens are expanded by the
-model's own LlavaProcessor, so their count always matches the vision tower.
+The same functions serve the tiny model and real checkpoint folders: the prompt text comes from the
+processor's family (coin_ray.models.families), and image tokens are expanded by the model's own processor,
+so their count always matches the vision tower.
 """
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from coin_ray.models.families import Family, family_for_columns, family_of, pad_rows
+from coin_ray.models.families.llava import LLAVA, SYSTEM_PROMPT
 
 __all__ = [
     "SYSTEM_PROMPT",
@@ -22,44 +26,32 @@ __all__ = [
     "collate_train",
 ]
 
-# vicuna_v1 as LLaVA-1.5 / CoIN use it: system + " " + "USER: <msg> ASSISTANT:" + " <answer></s>"
-SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 IGNORE_INDEX = -100  # label of every token the loss ignores (prompt, image tokens, padding)
 
 
 def build_prompt(question: str, processor: Any = None) -> str:
     """The prompt for one image + question (CoIN's text: question + instruction line, no <image>): vicuna_v1,
-    or the checkpoint's own chat template when the processor was built with prompt="checkpoint"."""
-    if _uses_template(processor):
-        return _chat_template(processor, question, None)
-    return f"{SYSTEM_PROMPT} USER: <image>\n{question} ASSISTANT:"
+    or the checkpoint's own chat template when the processor was built with prompt="checkpoint" (the only
+    prompt of some families)."""
+    return _family(processor).prompt(processor, question, _uses_template(processor))
+
+
+def _family(processor: Any) -> Family:
+    return LLAVA if processor is None else family_of(processor)
 
 
 def _uses_template(processor: Any) -> bool:
     from coin_ray.models._build import PROMPT_ATTR
 
-    return processor is not None and getattr(processor, PROMPT_ATTR, "vicuna_v1") == "checkpoint"
-
-
-def _chat_template(processor: Any, question: str, answer: str | None) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return processor.apply_chat_template(messages, add_generation_prompt=answer is None, tokenize=False)
+    if processor is None:
+        return False
+    return getattr(processor, PROMPT_ATTR, _family(processor).prompts[0]) == "checkpoint"
 
 
 def answer_text(processor: Any, question: str, answer: str) -> tuple[str, bool]:
     """What follows the prompt in a training row, and whether </s> must be appended: vicuna_v1's answer
     (then </s>), or what the chat template writes after the generation prompt (its own end-of-turn marker)."""
-    if not _uses_template(processor):
-        return answer, True
-    prompt = _chat_template(processor, question, None)
-    full = _chat_template(processor, question, answer)
-    if not full.startswith(prompt):
-        raise ValueError("the checkpoint's chat template does not write the assistant turn after its generation "
-                         "prompt, so the answer cannot be labelled alone: use model.prompt vicuna_v1")
-    return full[len(prompt):], False
+    return _family(processor).answer(processor, question, answer, _uses_template(processor))
 
 
 def image_background(processor: Any) -> tuple[int, int, int]:
@@ -82,23 +74,27 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int] | int)
 
 
 def _encode_prompts(processor: Any, questions: Sequence[str], images: Sequence[Image.Image]
-                    ) -> tuple[list[list[int]], list[np.ndarray]]:
+                    ) -> tuple[list[list[int]], dict[str, list[np.ndarray]]]:
+    """Prompt token ids per row, and the family's per-row image and per-token columns."""
     if len(questions) != len(images):
         raise ValueError(f"got {len(questions)} questions but {len(images)} images: one image per question")
-    background = image_background(processor)
-    squares = [expand_to_square(im, background) for im in images]
+    family = _family(processor)
+    prepared = [family.prepare_image(processor, im) for im in images]
     prompts = [build_prompt(q, processor) for q in questions]
-    out = processor(text=prompts, images=squares)
+    out = processor(text=prompts, images=prepared)
     ids = [list(map(int, row)) for row in out["input_ids"]]
-    pixels = [np.asarray(p, dtype=np.float32) for p in out["pixel_values"]]
-    return ids, pixels
+    columns = family.image_rows(out, len(ids))
+    for name in family.token_columns:
+        columns[name] = [np.asarray(row, dtype=np.int8) for row in out[name]]
+    return ids, columns
 
 
 def encode_prompt_batch(processor: Any, questions: Sequence[str], images: Sequence[Image.Image]) -> dict[str, list]:
-    """Prompt-only rows for generation: ``input_ids`` (np.int32, <s> + prompt with expanded image tokens)
-    and ``pixel_values`` (np.float32 [3, H, W], after pad-to-square)."""
-    ids, pixels = _encode_prompts(processor, questions, images)
-    return {"input_ids": [np.asarray(r, dtype=np.int32) for r in ids], "pixel_values": pixels}
+    """Prompt-only rows for generation: ``input_ids`` (np.int32, the prompt with expanded image tokens) and
+    the family's image columns (LLaVA: ``pixel_values`` np.float32 [3, H, W] after pad-to-square; Qwen2-VL:
+    flattened patches, ``image_grid_thw`` and ``mm_token_type_ids``)."""
+    ids, columns = _encode_prompts(processor, questions, images)
+    return {"input_ids": [np.asarray(r, dtype=np.int32) for r in ids], **columns}
 
 
 def encode_train_batch(
@@ -113,7 +109,8 @@ def encode_train_batch(
     """Training rows: prompt + " {answer}</s>", loss only on the answer tokens and </s>.
 
     Returns columns ``input_ids`` and ``labels`` (np.int32, same length; IGNORE_INDEX on every prompt and
-    image token), ``pixel_values`` (np.float32 [3, H, W]), ``truncated`` (answer was cut to fit) and ``valid``.
+    image token), the family's image columns (see encode_prompt_batch; a per-token column has the row's
+    length), ``truncated`` (answer was cut to fit) and ``valid``.
     A row longer than max_length loses answer tokens from its end; image tokens are never cut. A row whose
     prompt alone leaves no room for one answer token raises ValueError (on_overflow="raise") or comes back
     with valid=False and all labels IGNORE_INDEX (on_overflow="flag", so a pipeline can filter it).
@@ -123,10 +120,15 @@ def encode_train_batch(
     if len(answers) != len(questions):
         raise ValueError(f"got {len(questions)} questions but {len(answers)} answers: one answer per question")
     tokenizer = processor.tokenizer
-    prompt_ids, pixels = _encode_prompts(processor, questions, images)
+    prompt_ids, image_cols = _encode_prompts(processor, questions, images)
+    token_names = _family(processor).token_columns
     texts = [answer_text(processor, q, a) for q, a in zip(questions, answers)]
     answer_ids = tokenizer([t for t, _ in texts], add_special_tokens=False)["input_ids"]
-    cols: dict[str, list] = {"input_ids": [], "labels": [], "pixel_values": pixels, "truncated": [], "valid": []}
+    cols: dict[str, list] = {"input_ids": [], "labels": [], **{k: v for k, v in image_cols.items()
+                                                              if k not in token_names},
+                             "truncated": [], "valid": []}
+    for name in token_names:  # answer tokens are text (0)
+        cols[name] = []
     for i, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids)):
         target = list(answer) + ([tokenizer.eos_token_id] if texts[i][1] else [])
         room = max_length - len(prompt)
@@ -139,6 +141,9 @@ def encode_train_batch(
         kept = target[:max(room, 0)]
         ids = (prompt + kept) if valid else prompt[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + kept) if valid else [IGNORE_INDEX] * len(ids)
+        for name in token_names:
+            prompt_part = list(image_cols[name][i])
+            cols[name].append(np.asarray((prompt_part + [0] * len(kept))[:len(ids)], dtype=np.int8))
         cols["input_ids"].append(np.asarray(ids, dtype=np.int32))
         cols["labels"].append(np.asarray(labels, dtype=np.int32))
         cols["truncated"].append(len(kept) < len(target))
@@ -156,18 +161,13 @@ def _rows(batch: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> l
 def collate_train(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], pad_id: int
                   ) -> dict[str, torch.Tensor]:
     """Right-pad rows (or a dict of columns) into ``input_ids``, ``attention_mask``, ``labels`` (padding
-    labelled IGNORE_INDEX) and ``pixel_values`` [B, 3, H, W]."""
+    labelled IGNORE_INDEX) and the family's model inputs for the image (LLaVA: ``pixel_values`` [B, 3, H, W];
+    Qwen2-VL: every row's patches concatenated, ``image_grid_thw`` [B, 3], ``mm_token_type_ids``)."""
     rows = _rows(rows)
     if not rows:
         raise ValueError("collate_train got an empty batch")
-    width = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        input_ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"], dtype=np.int64))
-        labels[i, :n] = torch.as_tensor(np.asarray(r["labels"], dtype=np.int64))
-        mask[i, :n] = 1
-    pixel_values = torch.as_tensor(np.stack([np.asarray(r["pixel_values"], dtype=np.float32) for r in rows]))
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
+    family = family_for_columns(list(rows[0]))
+    out = pad_rows(rows, [("input_ids", pad_id), ("labels", IGNORE_INDEX), *((n, 0) for n in family.token_columns)],
+                   left=False)
+    out.update(family.collate_images({name: [r[name] for r in rows] for name in family.image_columns}))
+    return out

@@ -45,16 +45,30 @@ any some bus cab gym inn pub zoo exit open park sale stop taxi city dawn echo go
 """.split())))
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The deterministic tokenizer with special tokens <s>, </s>, <unk>, <pad>, <image>; encoding adds <s>."""
+def build_tokenizer(
+    special_tokens: tuple[str, ...] = SPECIAL_TOKENS,
+    *,
+    extra_words: tuple[str, ...] = (),
+    bos: str | None = "<s>",
+    eos: str = "</s>",
+    pad: str = "<pad>",
+    image_token: str = "<image>",
+    extra_special: dict[str, str] | None = None,
+) -> PreTrainedTokenizerFast:
+    """The deterministic tokenizer. By default LLaVA's: special tokens <s>, </s>, <unk>, <pad>, <image>, and
+    encoding adds <s>. Another family passes its own special tokens (the first must be "<unk>"), words of its
+    chat template (`extra_words`, after VOCAB_WORDS so the default ids never move) and roles; `bos=None` adds
+    no start token."""
+    if special_tokens[0] != "<unk>":
+        raise ValueError(f"the first special token must be <unk> (the Unigram model's unk id 0), got {special_tokens[0]!r}")
     chars = [c for c in string.printable if c not in " \t\r\x0b\x0c"]  # letters, digits, punctuation, "\n"
-    pieces: list[tuple[str, float]] = [(t, 0.0) for t in SPECIAL_TOKENS]
+    pieces: list[tuple[str, float]] = [(t, 0.0) for t in special_tokens]
     pieces += [(f"<0x{b:02X}>", -20.0) for b in range(256)]  # byte fallback for non-ASCII text
     pieces.append((_WORD_START, -12.0))
     pieces += [(c, -10.0) for c in chars]
     pieces += [(_WORD_START + c, -10.0) for c in chars]
     seen = {p for p, _ in pieces}
-    for word in VOCAB_WORDS:  # whole words win over spelling them out (score -1 vs -10 per character)
+    for word in (*VOCAB_WORDS, *extra_words):  # whole words win over spelling them out (-1 vs -10 per character)
         for piece in (word, _WORD_START + word):
             if piece not in seen:
                 seen.add(piece)
@@ -66,17 +80,18 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         decoders.ByteFallback(),
         decoders.Metaspace(replacement=_WORD_START, prepend_scheme="first", split=True),
     ])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", SPECIAL_TOKENS.index("<s>"))]
-    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, special_tokens.index(bos))]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
+        bos_token=bos,
+        eos_token=eos,
         unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        pad_token=pad,
+        extra_special_tokens={"image_token": image_token, **(extra_special or {})},
         padding_side="right",
         model_max_length=4096,
     )

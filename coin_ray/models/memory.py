@@ -14,6 +14,7 @@ read), and the tuner's targets are resolved on it as training resolves them. The
 - a fixed 1.5 GiB for the CUDA context and kernels, and 10 % of the total for allocator fragmentation.
 
     python -m coin_ray.models.memory --config configs/coin_llava7b.yaml --shape llava-1.5-7b
+    python -m coin_ray.models.memory --config configs/coin_qwen2vl7b.yaml --shape qwen2-vl-7b
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 CONTEXT_GIB = 1.5
 FRAGMENTATION = 0.10
 
-__all__ = ["MemoryEstimate", "MemoryPreflightError", "estimate_memory", "estimate_for_config", "llava_1_5_7b_config",
-           "check_memory"]
+__all__ = ["MemoryEstimate", "MemoryPreflightError", "SHAPES", "estimate_memory", "estimate_for_config",
+           "llava_1_5_7b_config", "qwen2_vl_7b_config", "check_memory"]
 
 
 class MemoryPreflightError(UserError):
@@ -71,6 +72,25 @@ def llava_1_5_7b_config():
                        rms_norm_eps=1e-5, tie_word_embeddings=False)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576,
                        vision_feature_select_strategy="default", vision_feature_layer=-2, projector_hidden_act="gelu")
+
+
+def qwen2_vl_7b_config():
+    """The architecture of Qwen2-VL-7B-Instruct (a 32-layer ViT with 2x2 patch merging; a 28-layer Qwen2-7B LM
+    with grouped-query attention and M-RoPE), built from config: nothing is downloaded."""
+    from transformers import Qwen2VLConfig
+
+    vision = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False)
+    return Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=151655, video_token_id=151656,
+                         vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+# --shape: the built-in architectures
+SHAPES = {"llava-1.5-7b": llava_1_5_7b_config, "qwen2-vl-7b": qwen2_vl_7b_config}
 
 
 def _meta_model(model_config: Any, method: str, *, num_experts: int, rank: int, target_modules: Any):
@@ -171,7 +191,7 @@ def check_memory(estimate: MemoryEstimate, gpu_gib: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Per-GPU memory estimate of an experiment config (nothing is loaded).")
     p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/coin_llava7b.yaml")
-    p.add_argument("--shape", choices=("llava-1.5-7b",),
+    p.add_argument("--shape", choices=tuple(SHAPES),
                    help="use this built-in architecture instead of the config's model.source folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = p.parse_args(argv)
@@ -183,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = pair.partition("=")
         raw[key.strip()] = parse_override(key.strip(), value)
     cfg = ExperimentConfig.from_dict(raw)
-    est = estimate_for_config(cfg, llava_1_5_7b_config() if args.shape else None)
+    est = estimate_for_config(cfg, SHAPES[args.shape]() if args.shape else None)
     print(est.line())
     print(json.dumps({"total_gib": round(est.total_gib, 2), "gpu_memory_gb": cfg.scaling.gpu_memory_gb,
                       "fits": est.total_gib <= cfg.scaling.gpu_memory_gb,

@@ -10,10 +10,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-# Module-name components that mark the parts of a VLM that are not its language model.
-VISION_COMPONENTS = ("vision_tower", "vision_model", "visual")
-PROJECTOR_COMPONENTS = ("multi_modal_projector",)
-NOT_LANGUAGE_MODEL = (*VISION_COMPONENTS, *PROJECTOR_COMPONENTS, "lm_head")
+# Module-name components that mark the parts of a VLM that are not its language model: every supported
+# family's vision tower and projector (coin_ray.models.families), and lm_head.
+from coin_ray.models.families import NOT_LANGUAGE_MODEL, PROJECTOR_COMPONENTS, VISION_COMPONENTS
 
 
 def _has_component(name: str, components: Sequence[str]) -> bool:
