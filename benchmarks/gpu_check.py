@@ -265,7 +265,7 @@ def llava7b_steps(check: str, *, batch: int, seq: int, steps: int, warmup: int,
     peak_gib = torch.cuda.max_memory_allocated() / GIB
     reserved_gib = torch.cuda.max_memory_reserved() / GIB
     estimated = estimate_gib(config, METHODS[check], batch, seq)
-    del model, optimizer, params, data
+    model = optimizer = params = data = None  # free the GPU memory before the next check (the step closure holds them)
     line = {"check": check, "device": torch.cuda.get_device_name(0), "batch": batch, "seq": seq, "steps": steps,
             "step_s": round(step_s, 4), "tokens_per_s": round(batch * seq / step_s, 1),
             "mfu": round(flops["model_flops"] / step_s / peak, 4) if peak else None,

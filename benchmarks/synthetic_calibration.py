@@ -1,6 +1,6 @@
 """Calibration of the built-in synthetic benchmark: is every task learnable, is forgetting partial, and does
-the task order matter more than the seed? (issue 8; the sweep presets in coin_ray/studies/cli.py are tuned
-with it.)
+the task order matter more than the seed? The embedded default and the smoke preset (configs/default.yaml,
+configs/smoke.yaml) are tuned with it.
 
 For each tuning method (LoRA, MoELoRA) on the tiny model with a preset's budgets it
   1. trains each task alone and prints its accuracy next to chance level (the expected score of a uniform
@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# Targets: issue 8 (default preset) and issue 10 (smoke preset).
+# Targets of the embedded default and of the smoke preset (README "Numbers").
 TARGETS: dict[str, dict[str, Any]] = {
     "default": {"alone_min": 0.8, "mft_min": 0.7, "bwt_range": (-0.9, -0.1), "order_over_seed": True},
     "smoke": {"mft_min": 0.5, "bwt_max": -0.05},

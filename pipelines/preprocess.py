@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 from pipelines import _hf
 from pipelines._encode import PARTITION_COLUMNS, Encoder, RejectionSink, stored_columns
 from pipelines._hashing import ContentHasher
-from pipelines._records import (DEFAULT_MAX_IMAGE_PIXELS, PipelineInputError, Rejection, SplitRecords,
+from pipelines._records import (DEFAULT_MAX_IMAGE_PIXELS, PipelineInputError, SplitRecords,
                                 read_json_list, split_files, validate_records)
 
 MANIFEST_VERSION = 1  # layout of manifest.json and of OUT

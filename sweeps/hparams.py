@@ -24,7 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=None, help="trials (default 12; --smoke-test 4)")
     p.add_argument("--experts", default="1,2,4,8", help="num_experts choices")
     p.add_argument("--ranks", default="8,16,32", help="total rank choices (each made divisible by num_experts)")
-    p.add_argument("--alphas", default=None, help="alpha choices (default: 2 x rank, as CoIN)")
+    p.add_argument("--alphas", default=None, help="alpha choices searched (default: alpha = 2 x rank in every "
+                                                   "trial, CoIN's ratio, so rank is not confounded with the scale)")
     p.add_argument("--lr", default=None, help="lr range LOW,HIGH searched log-uniformly (default: fixed)")
     p.add_argument("--methods", default="moelora", help="methods to compare: moelora,lora")
     p.add_argument("--search-order", action="store_true", help="also search the task order (random keys)")
@@ -64,20 +65,23 @@ def main(argv=None) -> None:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from coin_ray.studies import space as keys
     from coin_ray.studies.lifecycle import finish_sweep, preflight, prepare
     from coin_ray.studies.runner import SweepSpec, run_sweep
 
-    space: dict = {"hp.tuner.num_experts": tune.choice(experts), "hp.tuner.rank": tune.choice(ranks)}
+    space: dict = {keys.hp("tuner.num_experts"): tune.choice(experts), keys.hp("tuner.rank"): tune.choice(ranks)}
     if alphas:
-        space["hp.tuner.alpha"] = tune.choice(alphas)
+        space[keys.hp("tuner.alpha")] = tune.choice(alphas)
+    else:
+        space[keys.ALPHA_PER_RANK_KEY] = 2.0  # CoIN's ratio (r=128, alpha=256)
     if lr:
-        space["hp.train.lr"] = tune.loguniform(*lr)
+        space[keys.hp("train.lr")] = tune.loguniform(*lr)
     if len(methods) > 1:
-        space["hp.tuner.method"] = tune.choice(methods)
+        space[keys.hp("tuner.method")] = tune.choice(methods)
     elif methods != [cfg.tuner.method]:
         cfg = cfg.replace(**{"tuner.method": methods[0]})
     if args.search_order:
-        space.update({f"key.{t}": tune.uniform(0.0, 1.0) for t in cfg.order})
+        space.update(keys.random_keys(tune, cfg.order))
 
     if args.multi_objective:
         metric, mode = ["avg_seen_acc", "forgetting"], ["max", "min"]

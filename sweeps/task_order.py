@@ -25,9 +25,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: latin; --smoke-test: all)")
     p.add_argument("--orders", help="orders for --design given: 'A>B>C;B>A>C' or a file with one order per line "
                                     "(without --tasks, the tasks are those of the orders)")
-    p.add_argument("--metric", default="mfn", help=f"metric the analysis compares: {', '.join(cli.METRICS)}")
+    p.add_argument("--metric", default="mfn", help=f"metric the analysis compares and --design optuna searches "
+                                                   f"on: {', '.join(cli.METRICS)}")
     p.add_argument("--optuna-goal", choices=("worst", "best"), default="worst",
-                   help="--design optuna searches for the worst (most forgetting) or the best order")
+                   help="--design optuna searches for the order with the worst or the best --metric")
     cli.add_common_args(p)
     return p.parse_args(argv)
 
@@ -68,6 +69,7 @@ def main(argv=None) -> None:
 
     import ray.tune as tune
 
+    from coin_ray.studies import space
     from coin_ray.studies.lifecycle import finish_sweep, preflight, prepare
     from coin_ray.studies.runner import SweepSpec, run_sweep
 
@@ -75,13 +77,14 @@ def main(argv=None) -> None:
         from optuna.samplers import TPESampler
         from ray.tune.search.optuna import OptunaSearch
 
-        space = {f"key.{t}": tune.uniform(0.0, 1.0) for t in tasks}
-        mode = "min" if args.optuna_goal == "worst" else "max"
-        # the search ranks orders by avg_seen_acc after the last stage, which equals MFN
-        search = OptunaSearch(metric="avg_seen_acc", mode=mode, sampler=TPESampler(seed=0))
-        spec_kwargs = dict(param_space={**space, "seed": 0}, num_samples=count, search_alg=search)
+        # every stage reports the CL metrics of the tasks seen so far: the last report holds the final --metric
+        worst = "max" if not cli.higher_is_better(args.metric) else "min"
+        mode = worst if args.optuna_goal == "worst" else ("min" if worst == "max" else "max")
+        search = OptunaSearch(metric=args.metric, mode=mode, sampler=TPESampler(seed=0))
+        spec_kwargs = dict(param_space={**space.random_keys(tune, tasks), space.SEED_KEY: 0}, num_samples=count,
+                           search_alg=search)
     else:
-        spec_kwargs = dict(param_space={"seed": tune.grid_search(seeds)})
+        spec_kwargs = dict(param_space={space.SEED_KEY: tune.grid_search(seeds)})
     name = args.name or cli.default_sweep_name("task_order", kind, count, tasks, args)
     preflight(cfg, args)
     prepared = prepare(cfg, args)
@@ -91,7 +94,7 @@ def main(argv=None) -> None:
               f"{n_stages} stages ({designs.distinct_prefixes(orders) * len(seeds)} distinct with the stage cache)")
     concurrency = cli.default_concurrency(cfg, args.max_concurrent_trials, prepared)
     if orders is not None:  # trials start in this order: shared prefixes trained once, trials at once rarely wait
-        spec_kwargs["param_space"]["order"] = tune.grid_search(
+        spec_kwargs["param_space"][space.ORDER_KEY] = tune.grid_search(
             [">".join(o) for o in designs.schedule_for_sharing(orders, concurrency)])
     spec = SweepSpec(name=name, base=cfg, max_concurrent_trials=concurrency,
                      resume=args.resume, tracking=not args.no_tracking,

@@ -69,7 +69,7 @@ def _forgetting(values: Matrix) -> list[float]:
 def per_task_forgetting(matrix: Sequence[Sequence[float | None]]) -> list[float]:
     """Chaudhry forgetting of each task but the last: f_j = max_{j <= l < T} R[l][j] - R[T][j].
 
-    With 1-based stages as in COIN.md (R[T] = the final row); the maximum runs over the rows from
+    With 1-based stages (R[T] = the final row); the maximum runs over the rows from
     the one that trained task j up to the one before the last (Mammoth also includes the last row,
     which clips negative values to 0; this definition keeps them). Returns T-1 values, for tasks
     0..T-2 in training order; the last task has no forgetting and gets no entry. Positive = forgot.

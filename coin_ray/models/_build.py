@@ -63,7 +63,7 @@ def build_tiny_vlm(
     The image becomes (image_size / patch_size)^2 tokens (CLS dropped, as LLaVA-1.5 does). Unlike LLaVA-1.5
     the projector reads the *last* vision layer: with 2 layers, reading layer -2 would leave a layer unused
     (wasted compute, and an error under DDP with a trainable tower). initializer_range 0.1 (not Llama's
-    0.02) lets the LM learn in a few hundred steps (measured, issue 8).
+    0.02) lets the LM learn in a few hundred steps (measured).
     """
     problems = []
     for name, value in (("image_size", image_size), ("patch_size", patch_size), ("vision_hidden", vision_hidden),

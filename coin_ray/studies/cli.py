@@ -55,6 +55,11 @@ CL_METRICS = ("mfn", "mft", "maa", "bwt", "forgetting", "fwt")
 METRICS = CL_METRICS + tuple(f"gk_{m}" for m in CL_METRICS)
 
 
+def higher_is_better(metric: str) -> bool:
+    """Every CL metric is better when higher except forgetting (the mean drop from each task's best score)."""
+    return metric.removeprefix("gk_") != "forgetting"
+
+
 def check_count(flag: str, value: float | None, minimum: int = 1) -> None:
     """A count flag (None: not given) must be >= minimum."""
     if value is not None and value < minimum:

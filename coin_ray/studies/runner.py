@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from coin_ray.config import ExperimentConfig, divisible_rank
+from coin_ray.config import ExperimentConfig
+from coin_ray.studies.space import decode
 from coin_ray.training.types import PreparedData
 
-ORDER_KEY = "order"
-SEED_KEY = "seed"
-HP_PREFIX = "hp."
 
 
 def trial_name(order: Sequence[str], seed: int, hparams: dict[str, Any] | None = None, config_hash: str = "") -> str:
@@ -41,36 +39,19 @@ def trial_config(base: dict[str, Any], config: dict[str, Any], data_hash: str = 
     """The trial's ExperimentConfig from the sweep's base config and Tune's sampled values; its name carries
     the hash of every result-changing field and of the data (`coin_ray.identity.config_hash`)."""
     from coin_ray.identity import config_hash
-    from coin_ray.studies.designs import decode_random_keys
 
     cfg = ExperimentConfig.from_dict(base)
-    if ORDER_KEY in config:
-        order = tuple(config[ORDER_KEY].split(">")) if isinstance(config[ORDER_KEY], str) else tuple(config[ORDER_KEY])
-    elif any(k.startswith("key.") for k in config):
-        tasks = list(cfg.order)
-        order = decode_random_keys(tasks, [config[f"key.{t}"] for t in tasks])
-    else:
-        order = cfg.order
-    seed = int(config.get(SEED_KEY, cfg.train.seed))
-    hparams = {k[len(HP_PREFIX):]: v for k, v in config.items() if k.startswith(HP_PREFIX)}
-    # a MoELoRA rank must be divisible by the expert count (rank is the total rank r): a sampled pair takes the
-    # next multiple (coin_ray.config.divisible_rank), and the trial's name says the rank it trains with
-    method = hparams.get("tuner.method", cfg.tuner.method)
-    if method == "moelora" and ("tuner.num_experts" in hparams or "tuner.rank" in hparams):
-        e = int(hparams.get("tuner.num_experts", cfg.tuner.num_experts))
-        hparams["tuner.rank"] = divisible_rank(int(hparams.get("tuner.rank", cfg.tuner.rank)), e)
-    changes = dict(hparams)
-    cfg = cfg.replace(order=list(order), **{"train.seed": seed}, **changes)
-    return cfg.replace(name=trial_name(order, seed, hparams, config_hash(cfg.flatten(), data_hash)))
+    choice = decode(config, cfg)
+    cfg = cfg.replace(order=list(choice.order), **{"train.seed": choice.seed}, **choice.changes)
+    return cfg.replace(name=trial_name(choice.order, choice.seed, choice.hparams, config_hash(cfg.flatten(), data_hash)))
 
 
 def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: PreparedData,
                     tracking: dict[str, Any] | None) -> None:
     """The Tune function trainable: one continual run; per-stage metrics reach Tune from the Train workers
     (TuneReportCallback), so schedulers such as ASHA can stop a trial between stages."""
-    from coin_ray.training import run_continual
-
     from coin_ray.identity import run_key
+    from coin_ray.training import run_continual
 
     cfg = trial_config(base, config, prepared.data_hash)
     key = run_key(cfg.name, cfg.flatten(), prepared.data_hash)
@@ -151,7 +132,7 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
     spec.name = f"{spec.name}-{key[:6]}"
     storage = Path(cfg.storage_path).resolve()
     tracking = None
-    sweep_run_id = experiment_id = None
+    sweep_run_id = None
     if spec.tracking:
         from tracking import open_sweep_run, resolve_tracking_uri
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from coin_ray._files import write_dir_atomic
 from coin_ray.synthetic._tasks import FAMILIES, GENERATORS, MIN_IMAGE_SIZE, Example
 from coin_ray.tasks import TASK_NAMES, get_task
 
@@ -28,7 +27,7 @@ __all__ = ["GENERATOR_VERSION", "TRAIN_SCALE", "MAX_IMAGE_SIZE", "MIN_IMAGE_SIZE
 GENERATOR_VERSION = 5  # bump whenever a generator changes what it draws or asks
 # Train rows of each task relative to `train_rows`. CoIN's stages differ in size (1 epoch of 12k ScienceQA to 129k
 # ImageNet examples); here the tasks the tiny model learns slowest get more, so a preset that trains a number of
-# epochs per stage gives them more steps (measured: Grounding alone 0.61 at 1x, 1.00 at 2x; issue 8).
+# epochs per stage gives them more steps (measured: Grounding alone 0.61 at 1x, 1.00 at 2x).
 TRAIN_SCALE: dict[str, int] = {"GQA": 2, "Grounding": 2, "VQAv2": 2}
 MAX_IMAGE_SIZE = 1024
 IMAGE_ROOT = "images"
@@ -115,10 +114,9 @@ def write_synthetic_benchmark(
     for task in tasks:
         get_task(task).templates(instruction_style)  # unknown/unavailable style: fail before writing
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
     train_per_task = {t: train_rows * TRAIN_SCALE.get(t, 1) for t in tasks}
-    try:
+
+    def fill(tmp: Path) -> None:
         for task in tasks:
             folder = tmp / INSTRUCTIONS / task
             folder.mkdir(parents=True)
@@ -136,10 +134,6 @@ def write_synthetic_benchmark(
                 "test_rows": test_rows, "image_size": image_size, "seed": seed,
                 "instruction_style": instruction_style, "image_root": IMAGE_ROOT}
         (tmp / "synthetic.json").write_text(json.dumps(info, indent=1))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomic(root, fill, replace=True)
     return root

@@ -5,7 +5,7 @@ the same glyph font and answer with a short lower-case word; GQA, VQAv2 and VizW
 coloured shapes (colour / shape / yes-no words; GQA and VQAv2 on the same scenes of large shapes); ImageNet
 (object class names), ScienceQA (option letters) and Grounding (boxes) each have a format of their own.
 
-What the tiny model learns in a stage (measured for issue 8 with a probe of each task alone, LoRA, the default
+What the tiny model learns in a stage (measured with a probe of each task alone, LoRA, the default
 budget): answers that the image decides once the question's form is known - the colour of a dominant or
 left-hand shape, an object class, a count of large shapes, a word tied to its sign colour, where one large
 shape is - are learned; answers that depend on which of several small objects the question's words pick, or
@@ -155,7 +155,7 @@ def ocr_vqa(rng: np.random.Generator, size: int, family: str) -> Example:
     """A portrait book cover (padded to square by the model): the title on a block over the top half, in its
     series colour (TITLE_COLORS), the genre's colour (GENRES) below. Task: the title; base: the genre.
 
-    Measured (issue 8): a title in white on a thin black band over a colour-coded cover stayed near chance
+    Measured: a title in white on a thin black band over a colour-coded cover stayed near chance
     (0.07-0.10 alone) - at 1x scale the glyphs are 3x5 pixels inside 8-pixel patches; a series-coloured band
     reached 0.46 in a stage and 0.97 in three; the half-cover block is learned in one stage (1.00), like
     TextVQA's sign colours."""
@@ -206,7 +206,7 @@ def gqa(rng: np.random.Generator, size: int, family: str) -> Example:
     the object on the left?") and compare ("Are the circle and the cross the same color?"). Base: whether a
     colour is present among 2-3 small shapes.
 
-    Measured (issue 8): questions that pick an object by the question's words ("What shape is the red object?",
+    Measured: questions that pick an object by the question's words ("What shape is the red object?",
     "Is the circle to the left of the cross?", "What color is the object on the right?" next to "... left?")
     stayed at 0.3-0.6 alone, even in three stages' budget (the tiny model answers them with the majority answer
     or by colour alone); these two, whose answer the image and the question's form decide, reach 0.81 in one
@@ -232,7 +232,7 @@ def vqa_v2(rng: np.random.Generator, size: int, family: str) -> Example:
     """Task: counting and yes/no about 1-3 large shapes, one per quarter of the image ("How many shapes are
     there?", "Is there more than one shape?"); base: the colour of a named shape among 1-4 small ones.
 
-    Measured (issue 8): counting one kind of shape among 1-4 small ones and "Is there a <colour> <shape>?" stayed
+    Measured: counting one kind of shape among 1-4 small ones and "Is there a <colour> <shape>?" stayed
     at 0.40-0.51 alone, even in three stages' budget; the tiny model answers a yes/no question whose answer
     depends on the question's words with the majority answer (e.g. "Are there any circles?": 0.72-0.75 = always
     "yes"). Questions whose answer is a function of the image are learned: these reach 0.79 in one stage's budget
@@ -277,7 +277,7 @@ def grounding(rng: np.random.Generator, size: int, family: str) -> Example:
     large shape (half the side) in one of the four quarters of a square scene, referred to by colour and shape.
     Base: a small shape anywhere on a size/8 lattice of a landscape scene, "the object".
 
-    Measured (issue 8, each alone, LoRA): 2-3 shapes of 1/4-3/8 the side anywhere stayed at 0.03-0.09; one small
+    Measured (each alone, LoRA): 2-3 shapes of 1/4-3/8 the side anywhere stayed at 0.03-0.09; one small
     patch-aligned shape at 0.16, with a distractor 0.19; one large shape at three overlapping places of a
     landscape scene 0.55-0.69 even with three stages' budget (left and middle confused). Four quarters: 0.61 in
     one stage's budget, 1.00 in two (coin_ray.synthetic.TRAIN_SCALE gives Grounding two)."""

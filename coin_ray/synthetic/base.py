@@ -1,7 +1,7 @@
 """Stage 0: an instruction-pretrained base for the synthetic benchmark, cached on disk by content hash.
 
 CoIN starts from LLaVA-1.5, a model already aligned to each task's answer format. A randomly initialised
-tiny model is not, and continual tuning from it forgets totally (issue 8: BWT about -1, every answer in the
+tiny model is not, and continual tuning from it forgets totally (measured: BWT about -1, every answer in the
 last task's format, no order effect). This fine-tunes the tiny model on the benchmark's *base* question
 family (other questions in each task's answer format; coin_ray.synthetic._tasks) with a plain torch loop,
 and saves the result as a normal checkpoint folder, so ``build_vlm(str(path))`` loads it like any model.
@@ -12,15 +12,14 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from coin_ray.synthetic._synthetic import GENERATOR_VERSION, generate_examples
+from coin_ray._files import write_dir_atomic
 from coin_ray.models import collate_train, encode_train_batch
+from coin_ray.synthetic._synthetic import GENERATOR_VERSION, generate_examples
 from coin_ray.tasks import TASK_NAMES, get_task
 
 __all__ = ["BASE_VERSION", "base_key", "pretrain_base"]
@@ -123,20 +122,13 @@ def pretrain_base(
             losses.append(float(loss.detach()))
     model.eval()
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         tail = losses[-max(1, steps // 10):]
         (tmp / "base.json").write_text(json.dumps(
             {**material, "tasks": list(tasks), "final_loss": sum(tail) / len(tail), "first_loss": losses[0]},
             indent=1))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished the same base first: identical content, keep theirs
-            pass
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomic(folder, fill)  # another process finished the same base first: identical content, theirs stays
     return folder

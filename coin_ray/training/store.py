@@ -205,10 +205,11 @@ class StageStore:
 
     def put(self, key: str, material: dict[str, Any], write_checkpoint: Callable[[Path], None]) -> StageEntry:
         """Write a stage: `write_checkpoint(dir)` fills the checkpoint folder; then checksum and rename."""
-        tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex}"
-        (tmp / "checkpoint").mkdir(parents=True)
-        (tmp / "eval").mkdir()
-        try:
+        from coin_ray._files import write_dir_atomic
+
+        def fill(tmp: Path) -> None:
+            (tmp / "checkpoint").mkdir()
+            (tmp / "eval").mkdir()
             write_checkpoint(tmp / "checkpoint")
             files = {
                 str(p.relative_to(tmp)): _sha256(p)
@@ -216,23 +217,10 @@ class StageStore:
             }
             meta = {"key": key, "material": material, "created": time.time(), "files": files}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-            try:
-                os.rename(tmp, self.root / key)
-            except OSError:
-                # A torn key folder is cleared and the rename tried once more; otherwise another writer
-                # finished the same stage first: keep theirs (identical by construction).
-                renamed = False
-                if self._clear_torn(key):
-                    try:
-                        os.rename(tmp, self.root / key)
-                        renamed = True
-                    except OSError:
-                        pass
-                if not renamed:
-                    shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        # a torn key folder is cleared and the rename tried once more; otherwise another writer finished the
+        # same stage first: theirs is kept (identical by construction)
+        write_dir_atomic(self.root / key, fill, clear_torn=lambda: self._clear_torn(key))
         entry = self.get(key)
         if entry is None:  # pragma: no cover - only if the winner's entry was corrupted meanwhile
             raise RuntimeError(f"stage store entry {key} vanished after writing under {self.root}")

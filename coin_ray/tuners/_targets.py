@@ -12,7 +12,7 @@ from torch import nn
 
 # Module-name components that mark the parts of a VLM that are not its language model: every supported
 # family's vision tower and projector (coin_ray.models.families), and lm_head.
-from coin_ray.models.families import NOT_LANGUAGE_MODEL, PROJECTOR_COMPONENTS, VISION_COMPONENTS
+from coin_ray.models.families import NOT_LANGUAGE_MODEL, PROJECTOR_COMPONENTS, VISION_COMPONENTS  # noqa: F401 (re-exported)
 
 
 def _has_component(name: str, components: Sequence[str]) -> bool:

@@ -1,0 +1,69 @@
+"""The keys of a sweep's Tune search space, owned here: the scripts in sweeps/ build spaces with these
+helpers, and the runner decodes a trial's sampled values with `decode` - nowhere else spells a key.
+
+- `order`: the task order as "A>B>C" (a grid over a fixed design);
+- `key.<Task>`: one random key in [0, 1) per task; the order is the tasks sorted by key (how Optuna, which
+  cannot sample permutations, searches orders);
+- `seed`: the replicate (train.seed);
+- `hp.<section.field>`: a searched config field, e.g. `hp.tuner.rank`;
+- `alpha_per_rank`: alpha = this x rank for every trial (CoIN's ratio is 2), so rank is not confounded with
+  the adapter scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from coin_ray.config import ExperimentConfig, divisible_rank
+
+ORDER_KEY = "order"
+SEED_KEY = "seed"
+HP_PREFIX = "hp."
+RANDOM_KEY_PREFIX = "key."
+ALPHA_PER_RANK_KEY = "alpha_per_rank"
+
+
+def hp(name: str) -> str:
+    """The space key of a searched config field: hp("tuner.rank") -> "hp.tuner.rank"."""
+    return HP_PREFIX + name
+
+
+def random_keys(tune: Any, tasks: Sequence[str]) -> dict[str, Any]:
+    """The random-key encoding of an order: one uniform key per task."""
+    return {RANDOM_KEY_PREFIX + t: tune.uniform(0.0, 1.0) for t in tasks}
+
+
+@dataclass(frozen=True)
+class TrialChoice:
+    """What Tune chose for one trial."""
+
+    order: tuple[str, ...]
+    seed: int
+    hparams: dict[str, Any] = field(default_factory=dict)  # searched fields (dotted) as the trial trains them
+    changes: dict[str, Any] = field(default_factory=dict)  # every config change: hparams plus derived fields
+
+
+def decode(config: Mapping[str, Any], cfg: ExperimentConfig) -> TrialChoice:
+    """The order, seed and config changes of Tune's sampled `config` over the sweep's base `cfg`."""
+    from coin_ray.studies.designs import decode_random_keys
+
+    if ORDER_KEY in config:
+        value = config[ORDER_KEY]
+        order = tuple(value.split(">")) if isinstance(value, str) else tuple(value)
+    elif any(k.startswith(RANDOM_KEY_PREFIX) for k in config):
+        tasks = list(cfg.order)
+        order = decode_random_keys(tasks, [config[RANDOM_KEY_PREFIX + t] for t in tasks])
+    else:
+        order = tuple(cfg.order)
+    seed = int(config.get(SEED_KEY, cfg.train.seed))
+    hparams = {k[len(HP_PREFIX):]: v for k, v in config.items() if k.startswith(HP_PREFIX)}
+    # a MoELoRA rank must be divisible by the expert count (rank is the total rank r): a sampled pair takes the
+    # next multiple (coin_ray.config.divisible_rank), and the trial's name says the rank it trains with
+    method = hparams.get("tuner.method", cfg.tuner.method)
+    if method == "moelora" and ("tuner.num_experts" in hparams or "tuner.rank" in hparams):
+        experts = int(hparams.get("tuner.num_experts", cfg.tuner.num_experts))
+        hparams["tuner.rank"] = divisible_rank(int(hparams.get("tuner.rank", cfg.tuner.rank)), experts)
+    changes = dict(hparams)
+    if ALPHA_PER_RANK_KEY in config and "tuner.alpha" not in hparams:
+        changes["tuner.alpha"] = float(config[ALPHA_PER_RANK_KEY]) * int(hparams.get("tuner.rank", cfg.tuner.rank))
+    return TrialChoice(order=order, seed=seed, hparams=hparams, changes=changes)
