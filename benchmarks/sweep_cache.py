@@ -50,7 +50,7 @@ def main() -> None:
             "eval.batch_size": 8, "scaling.num_workers": 1, "eval.judge": "none", "model.pretrain_steps": 0})
         prepared = prepare_data(base)
         concurrency = default_concurrency(base, args.max_concurrent_trials, prepared)
-        spec = SweepSpec(name=f"cache-bench-{label}", base=base, tracking=False, verbose=0,
+        spec = SweepSpec(name=f"cache-bench-{label}", base=base, tracking=False,
                          max_concurrent_trials=concurrency,
                          param_space={"order": tune.grid_search(
                              [">".join(o) for o in schedule_for_sharing(orders, concurrency)]), "seed": 0})

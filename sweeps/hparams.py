@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     spec = SweepSpec(name=name, base=cfg, param_space=space, num_samples=num_samples,
                      search_alg=search, scheduler=scheduler,
                      max_concurrent_trials=cli.default_concurrency(cfg, args.max_concurrent_trials, prepared),
-                     resume=args.resume, tracking=not args.no_tracking,
+                     resume=args.resume, tracking=not args.no_tracking, verbose=args.verbose,
                      sweep_params={"search": "nsga2" if args.multi_objective else args.sampler,
                                    "scheduler": args.scheduler, "num_samples": num_samples,
                                    "experts": args.experts, "ranks": args.ranks, "methods": args.methods,

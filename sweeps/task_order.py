@@ -97,7 +97,7 @@ def main(argv=None) -> None:
         spec_kwargs["param_space"][space.ORDER_KEY] = tune.grid_search(
             [">".join(o) for o in designs.schedule_for_sharing(orders, concurrency)])
     spec = SweepSpec(name=name, base=cfg, max_concurrent_trials=concurrency,
-                     resume=args.resume, tracking=not args.no_tracking,
+                     resume=args.resume, tracking=not args.no_tracking, verbose=args.verbose,
                      sweep_params={"design": " ".join(design), "tasks": ",".join(tasks), "seeds": args.seeds,
                                    "metric": args.metric, "orders": len(orders) if orders else count,
                                    **{k: v for k, v in cfg.flatten().items() if k != "order"}},

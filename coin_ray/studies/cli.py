@@ -47,6 +47,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     t.add_argument("--experiment", help="MLflow experiment name")
     t.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    t.add_argument("--verbose", action="store_true",
+                   help="also Ray's own logs and Tune's trial table (default: one line per stage, Ray's warnings)")
 
 
 # the final metrics of a trial (coin_ray.evaluation.cl_metrics; a test keeps them equal) and the same of the
@@ -197,13 +199,16 @@ def init_ray(args: argparse.Namespace) -> None:
         except (OSError, ValueError):
             raise UsageError(f"Ray cluster at --address {args.address} does not answer: start it with `ray start --head` "
                              f"or leave --address out to run on this machine") from None
+    import logging
+
+    level = logging.INFO if args.verbose else logging.WARNING
     if args.address and args.address != "local":
-        ray.init(address=args.address)
+        ray.init(address=args.address, logging_level=level)
     else:
         # address="local" always starts a Ray of our own: without it, ray.init() follows the address file that a
         # `ray start --head` leaves behind (/tmp/ray/ray_current_cluster), even after that head died.
         # The dashboard serves the State API that the Train controller polls (without it, it floods warnings).
-        ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count())
+        ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count(), logging_level=level)
     from coin_ray.training.worker import quiet_data_context
 
     quiet_data_context()

@@ -47,7 +47,7 @@ def trial_config(base: dict[str, Any], config: dict[str, Any], data_hash: str = 
 
 
 def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: PreparedData,
-                    tracking: dict[str, Any] | None) -> None:
+                    tracking: dict[str, Any] | None, verbose: bool = False) -> None:
     """The Tune function trainable: one continual run; per-stage metrics reach Tune from the Train workers
     (TuneReportCallback), so schedulers such as ASHA can stop a trial between stages."""
     from coin_ray.identity import run_key
@@ -66,7 +66,8 @@ def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: P
     from ray.tune.integration.ray_train import TuneReportCallback
 
     try:
-        run_continual(cfg, hooks_factory=hooks_factory, prepared=prepared, train_callbacks=[TuneReportCallback()])
+        run_continual(cfg, hooks_factory=hooks_factory, prepared=prepared, train_callbacks=[TuneReportCallback()],
+                      verbose=verbose)
     except BaseException:
         if tracking is not None:
             from tracking import mark_run_failed
@@ -90,7 +91,7 @@ class SweepSpec:
     resume: bool = False
     tracking: bool = True
     sweep_params: dict[str, Any] = field(default_factory=dict)
-    verbose: int = 1
+    verbose: bool = False  # Tune's trial table and Ray's own info logs (--verbose)
 
 
 @dataclass
@@ -148,7 +149,8 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
     from coin_ray.training.continual import with_train_datasets
 
     prepared = with_train_datasets(cfg, prepared)  # read small train splits once for every trial
-    trainable = tune.with_parameters(trial_trainable, base=cfg.to_dict(), prepared=prepared, tracking=tracking)
+    trainable = tune.with_parameters(trial_trainable, base=cfg.to_dict(), prepared=prepared, tracking=tracking,
+                                     verbose=spec.verbose)
     # The trial function only waits on fit(): it holds no CPU (Tune needs some resource, so a token 1 MiB of
     # memory), and the cores go to the Train workers - N trials of one 1-CPU worker fit N CPUs exactly.
     trainable = tune.with_resources(trainable, {"memory": 2**20})
@@ -165,7 +167,7 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
                                    trial_name_creator=lambda t: _trial_name_of(cfg, t.config, data_hash),
                                    trial_dirname_creator=lambda t: safe_dirname(
                                        _trial_name_of(cfg, t.config, data_hash))),
-            run_config=RunConfig(name=spec.name, storage_path=str(tune_path), verbose=spec.verbose),
+            run_config=RunConfig(name=spec.name, storage_path=str(tune_path), verbose=1 if spec.verbose else 0),
         )
     grid = tuner.fit()
 

@@ -163,11 +163,12 @@ def check_resources(cfg: ExperimentConfig) -> None:
 
 def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks] | None = None,
                   prepared: PreparedData | None = None, step_callbacks: Sequence[Callable[..., None]] = (),
-                  train_callbacks: list[Any] | None = None) -> RunResult:
+                  train_callbacks: list[Any] | None = None, verbose: bool = False) -> RunResult:
     """Train and evaluate every stage of `cfg.order`; resumes finished stages from the stage store.
 
     Ray must be initialised (`ray.init`) by the caller: Ray Data serves the training shards in both modes.
     `step_callbacks` are called after every optimizer step as cb(stage=k, step=s) (e.g. `faults.KillOnce`).
+    `verbose` keeps Ray's own info logs in the workers (default: warnings only, one line per stage).
     """
     import ray
 
@@ -184,7 +185,7 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
     # workers get the datasets as shards, not inside their config
     config = {"worker": WorkerConfig(experiment=cfg.to_dict(), data=prepared.without_datasets(),
                                      stage_rows=tuple(stage_rows), hooks_factory=hooks_factory,
-                                     step_callbacks=tuple(step_callbacks))}
+                                     step_callbacks=tuple(step_callbacks), verbose=verbose)}
 
     from coin_ray.training.loop import continual_worker
     from coin_ray.training.worker import WorkerEnv

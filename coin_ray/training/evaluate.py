@@ -12,7 +12,7 @@ from typing import Any
 
 from coin_ray.config import ExperimentConfig
 from coin_ray.training.store import StageStore
-from coin_ray.training.worker import WorkerRun
+from coin_ray.training.worker import WorkerRun, progress
 
 
 @dataclass
@@ -56,7 +56,7 @@ def evaluate_row(run: WorkerRun, entry_path: Path) -> EvalRow:
             if env.rank == 0 and not judge_failed(cell):  # a failure is never cached: next run judges again
                 StageStore.write_eval(entry_path, cell_name, cell)
             if env.rank == 0 and cell.get("knowledge_error"):
-                print(f"[coin-ray] {cfg.name}: no knowledge score for {task}: {cell['knowledge_error']}", flush=True)
+                progress(f"{cfg.name}: no knowledge score for {task}: {cell['knowledge_error']}")
         row.scores[task] = cell["score"]
         if row.knowledge is not None:
             row.knowledge[task] = cell.get("knowledge")

@@ -20,43 +20,44 @@ from coin_ray.training.hooks import HookList, RunInfo, RunResult, StageReport
 from coin_ray.training.stages import ADAPTER_DIR, Stage, obtain_stage, stage_material
 from coin_ray.training.store import StageStore, stage_key
 from coin_ray.training.types import WorkerConfig
-from coin_ray.training.worker import LoadedWeights, WorkerEnv, WorkerRun, ray_train_env
+from coin_ray.training.worker import LoadedWeights, WorkerEnv, WorkerRun, progress, ray_train_env
 
 
 def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> RunResult | None:
     """Run (or resume) every stage of the order on this worker. `config["worker"]` is a `WorkerConfig`."""
-    run = start_run(config["worker"], env or ray_train_env())
+    wc: WorkerConfig = config["worker"]
+    run = start_run(wc, env or ray_train_env(wc.verbose))
     order, cfg = run.order, run.cfg
     run.hooks.on_run_start(RunInfo(name=cfg.name, order=order, params=cfg.flatten(), benchmark=cfg.data.benchmark,
                                    data_hash=run.data.data_hash))
     finished = False
     try:
         zero_shot = evaluate_zero_shot(run) if cfg.eval.zero_shot else None
-        progress = Progress(order, zero_shot, judged=run.judge is not None)
+        tally = Progress(order, zero_shot, judged=run.judge is not None)
         for k, task in enumerate(order):
             started = time.time()
             stage = obtain_stage(run, order[: k + 1])
             obtained_s = time.time() - started
             row = evaluate_row(run, stage.entry.path)
-            progress.add(stage, row)
+            tally.add(stage, row)
             if run.env.rank == 0:
-                print(f"[coin-ray] {cfg.name} stage {k} {task}: {'reused' if stage.reused else 'trained'} in "
-                      f"{obtained_s:.1f} s, evaluated in {time.time() - started - obtained_s:.1f} s; seen-task scores "
-                      + " ".join(f"{t}={row.scores[t]:.2f}" for t in order[: k + 1] if row.scores[t] is not None),
-                      flush=True)
+                progress(f"{cfg.name} stage {k} {task}: {'reused' if stage.reused else 'trained'} in "
+                         f"{obtained_s:.1f} s, evaluated in {time.time() - started - obtained_s:.1f} s; seen-task "
+                         "scores " + " ".join(f"{t}={row.scores[t]:.2f}" for t in order[: k + 1]
+                                              if row.scores[t] is not None))
                 from coin_ray._files import write_json_atomic
 
-                write_json_atomic(run.run_dir / "stages.json", progress.index)
+                write_json_atomic(run.run_dir / "stages.json", tally.index)
             run.hooks.on_stage_end(StageReport(stage=k, task=task, scores=row.scores, knowledge=row.knowledge,
                                                train_losses=stage.losses, predictions=row.predictions,
                                                reused=stage.reused, seconds=time.time() - started))
             if k == len(order) - 1:
                 # the run is closed (hooks, result.json) before its last stage is reported: a Tune scheduler
                 # may stop the trial the moment it sees that report (ASHA stops every trial reaching max_t)
-                result = progress.result(adapter_dir=str(stage.entry.checkpoint / ADAPTER_DIR))
+                result = tally.result(adapter_dir=str(stage.entry.checkpoint / ADAPTER_DIR))
                 finish_run(run, result)
                 finished = True
-            run.env.report(progress.metrics(), stage.entry.checkpoint)
+            run.env.report(tally.metrics(), stage.entry.checkpoint)
         return result
     except BaseException as error:
         if not finished:

@@ -42,3 +42,4 @@ class WorkerConfig:
     stage_rows: tuple[int, ...]  # training rows of each stage (current task plus replay)
     hooks_factory: Callable[[], Any] | None = None  # -> RunHooks, called on rank 0
     step_callbacks: tuple[Callable[..., None], ...] = ()  # called after every optimizer step (see worker.py)
+    verbose: bool = False  # Ray's own logs at info level in the workers

@@ -7,6 +7,8 @@ per worker by the loop and passed to the stage, training and evaluation steps.
 """
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -78,12 +80,42 @@ def quiet_data_context() -> None:
     ctx.enable_progress_bars = sys.stderr.isatty()
 
 
-def ray_train_env() -> WorkerEnv:
+def progress(message: str) -> None:
+    """One line of the run's progress (a stage's outcome, a wait, a judge problem) on stderr.
+
+    Through `logging`, not print: a Ray Train worker's stdout reaches the driver twice, a log record once."""
+    logger = logging.getLogger("coin_ray.progress")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[coin-ray] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    logger.info(message)
+
+
+def quiet_ray_logs(verbose: bool) -> None:
+    """Ray's own chatter in this process at warning level unless `verbose`: Ray Train logs every report with
+    its full metric dict ("Reporting training result ..."), Ray Data every finished dataset."""
+    level = logging.INFO if verbose else logging.WARNING
+    names = ["ray.data", "ray.train"]
+    try:  # Ray Train's reporting logger is named after its file
+        from ray.train.v2._internal.execution import context
+
+        names.append(context.__file__)
+    except ImportError:
+        pass
+    for name in names:
+        logging.getLogger(name).setLevel(level)
+
+
+def ray_train_env(verbose: bool = False) -> WorkerEnv:
     """The environment of a Ray Train worker (called inside the worker)."""
     import ray.train
     import ray.train.torch
 
     quiet_data_context()
+    quiet_ray_logs(verbose)
     ctx = ray.train.get_context()
     world = ctx.get_world_size()
     return WorkerEnv(rank=ctx.get_world_rank(), world=world, device=ray.train.torch.get_device(),
