@@ -26,6 +26,10 @@ MAX_LEVELS = 6
 ORDER_KEY_PREFIX = "key."  # runner.KEY_PREFIX: the random keys of a searched task order
 
 
+class NoFinishedTrials(ValueError):
+    """No finished trial has the metric the report compares."""
+
+
 @dataclass(frozen=True)
 class SearchParam:
     """One entry of a sweep's search space."""
@@ -92,16 +96,17 @@ class HparamAnalysis:
 
 def analyse_hparams(table: pd.DataFrame, space: Sequence[SearchParam], metric: str = "mfn",
                     pareto: bool = False) -> HparamAnalysis:
-    """The hyper-parameter report of a sweep's trials table. Raises ValueError when no trial finished."""
+    """The hyper-parameter report of a sweep's trials table. Raises NoFinishedTrials when no finished trial has
+    the metric."""
     space = list(space)
     searched = list(dict.fromkeys(p.column for p in space))
     partial_mask = table["partial"].astype(bool) if "partial" in table.columns else pd.Series(False, table.index)
     errored = table["status"].eq("ERROR") if "status" in table.columns else pd.Series(False, table.index)
     if metric not in table.columns:
-        raise ValueError(f"no finished trial has the metric {metric!r}")
+        raise NoFinishedTrials(f"no finished trial has the metric {metric!r}")
     finished = table[~partial_mask & ~errored & table[metric].notna()]
     if finished.empty:
-        raise ValueError(f"no finished trial to analyse (of {len(table)} trials)")
+        raise NoFinishedTrials(f"no finished trial has the metric {metric!r} (of {len(table)} trials)")
     config_cols = [c for c in CONFIG_COLUMNS if c in table.columns]
     seed = ["seed"] if "seed" in table.columns else []
     runs = finished.drop_duplicates(subset=config_cols + seed)  # one configuration and seed: one run

@@ -13,8 +13,8 @@ from coin_ray.config import ExperimentConfig
 from coin_ray.redact import redact_text
 from coin_ray.studies import cli
 from coin_ray.studies.analysis import analyse_orders, format_analysis, order_skip_reason
-from coin_ray.studies.hparam_analysis import (analyse_hparams, describe_space, format_hparams, hparam_figures,
-                                              hparam_tables, lower_is_better)
+from coin_ray.studies.hparam_analysis import (NoFinishedTrials, analyse_hparams, describe_space, format_hparams,
+                                              hparam_figures, hparam_tables, lower_is_better)
 from coin_ray.studies.runner import SweepOutcome, SweepSpec, trials_table
 from tracking.plots import table_heatmap
 
@@ -60,7 +60,7 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
     sort_col = metric if metric in table.columns else "mfn"
     if sort_col in table.columns:
         table = table.sort_values(sort_col, ascending=lower_is_better(sort_col), kind="stable")
-    partial = table["partial"].astype(bool)
+    partial = table["partial"].astype(bool) if "partial" in table.columns else table.index.isna()
     fmt = lambda x: f"{x:.3f}"  # noqa: E731
     print("\n=== Trials ===")
     with_cols = [c for c in ("order", "seed", "method", "num_experts", "rank", "mft", "mfn", "bwt", "forgetting",
@@ -79,11 +79,15 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
                "trials_finished": len(finished), "trials": len(outcome.trials), "trials_partial": int(partial.sum())}
     hparams = None
     if design == "hparams" and finished:
-        hparams = analyse_hparams(table, describe_space(spec.param_space), metric=metric, pareto=pareto)
-        summaries.append(format_hparams(hparams))
-        tables.update(hparam_tables(hparams))
-        figures.update(hparam_figures(hparams))
-        metrics[f"best_{metric}"] = float(hparams.best[metric].iloc[0])
+        try:
+            hparams = analyse_hparams(table, describe_space(spec.param_space), metric=metric, pareto=pareto)
+        except NoFinishedTrials as e:  # e.g. --metric gk_mfn where the judge scored no trial
+            summaries.append(f"hyper-parameter report skipped: {e}")
+        else:
+            summaries.append(format_hparams(hparams))
+            tables.update(hparam_tables(hparams))
+            figures.update(hparam_figures(hparams))
+            metrics[f"best_{metric}"] = float(hparams.best[metric].iloc[0])
     analysis = None
     skip = order_skip_reason(finished) if finished else None
     if skip:
