@@ -257,9 +257,10 @@ def format_hparams(a: HparamAnalysis) -> str:
                   a.importances.to_string(float_format=fmt)]
     if a.pareto is not None:
         parts += ["", f"Pareto front ({m} vs forgetting):", a.pareto.to_string(index=False, float_format=fmt)]
-    if not a.partial.empty:
-        parts += ["", "Stopped early by the scheduler (partial: stage_reached of n_stages; last_avg_seen_acc is what "
-                      "it was compared by):", a.partial.to_string(index=False, float_format=fmt)]
+    if not a.partial.empty:  # the trials section above the report lists them; here their configurations
+        parts += ["", "Stopped early (partial, not in the tables above): " + "; ".join(
+            " ".join(f"{c}={row[c]}" for c in a.searched if c in a.partial.columns and c != "order")
+            + f" after stage {row['stage_reached']} of {row['n_stages']}" for _, row in a.partial.iterrows())]
     return "\n".join(parts)
 
 
