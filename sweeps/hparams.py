@@ -106,9 +106,12 @@ def main(argv=None) -> None:
                      sweep_params={"search": "nsga2" if args.multi_objective else args.sampler,
                                    "scheduler": args.scheduler, "num_samples": num_samples,
                                    "experts": args.experts, "ranks": args.ranks, "methods": args.methods,
-                                   "tasks": ">".join(cfg.order)})
+                                   "tasks": ">".join(cfg.order),
+                                   # only when given, so the sweeps of the default space keep their names
+                                   **{k: v for k, v in (("alphas", args.alphas), ("lr", args.lr)) if v},
+                                   **({"search_order": True} if args.search_order else {})})
     outcome = run_sweep(spec, prepared)
-    finish_sweep(spec, outcome, metric=args.metric, design="hparams")
+    finish_sweep(spec, outcome, metric=args.metric, design="hparams", pareto=args.multi_objective)
 
 
 if __name__ == "__main__":

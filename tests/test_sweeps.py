@@ -179,6 +179,19 @@ def test_hparams_asha_sweep_frees_stopped_trials(tmp_path):
     # ASHA stops a trial when it reports its last stage (max_t): the run is complete by then, so FINISHED
     assert any(r.info.status == "FINISHED" for r in children)
     assert parents[0].data.metrics["trials_finished"] >= 1
+    # the report of this study, not the order analysis (one fixed order)
+    assert "Hyper-parameter study (mfn; higher is better)" in proc.stdout
+    assert "Best configuration(s) by mfn:" in proc.stdout and "mfn by num_experts (rows) x rank" in proc.stdout
+    assert "order analysis skipped: every finished trial trained the one order" in proc.stdout
+    assert "Order sensitivity" not in proc.stdout
+    logged = {f.path for f in MlflowClient(uri).list_artifacts(parents[0].info.run_id, "analysis")}
+    assert {"analysis/search_space.csv", "analysis/best.csv", "analysis/per_config.csv",
+            "analysis/experts_rank.csv", "analysis/experts_rank.png", "analysis/summary.txt"} <= logged
+    rows = list(csv.DictReader(open(table)))
+    stopped = [row for row in rows if row["status"] == "STOPPED"]
+    assert all(row["partial"] == "True" and row["mfn"] == "" and int(row["stage_reached"]) < 3 for row in stopped)
+    assert (parents[0].data.metrics["trials_partial"] == len(stopped)
+            and ("Stopped early by the scheduler" in proc.stdout) == bool(stopped))
     for r in children:
         assert r.data.params["num_experts"] in {"1", "2"}
         assert int(r.data.params["rank"]) % int(r.data.params["num_experts"]) == 0

@@ -1,6 +1,6 @@
 """The sweep (parent) run: opened once per sweep key (a rerun or `--resume` reopens it), holds the search
 space as params, the table of all trials, sweep metrics (`stages_trained`, `stages_reused`, ...) and the
-order-sensitivity analysis as CSV tables and PNG plots under `analysis/`.
+study's analysis (hyper-parameter report, order sensitivity) as CSV tables and PNG plots under `analysis/`.
 
 These calls run on the driver, synchronously, with bounded retries (tracking._runs.call_with_retry).
 """
@@ -58,7 +58,7 @@ def log_sweep_artifacts(tracking_uri: str, run_id: str, trials: "pd.DataFrame | 
     """Log the sweep's results on its run:
 
     - `trials` -> `trials.csv` (one row per trial) and `summary.png` (bars of mft/mfn/bwt/forgetting per trial,
-      when those columns exist);
+      when those columns exist; rows marked `partial` are left out);
     - `metrics` -> run metrics (e.g. stages_trained, stages_reused, order_variance_share), non-finite skipped;
     - `figures` {name: Figure} -> `analysis/<name>.png`; `tables` {name: DataFrame} -> `analysis/<name>.csv`;
       `texts` {file name: text} -> `analysis/<file name>` (e.g. "summary.md").
@@ -90,8 +90,10 @@ def log_sweep_artifacts(tracking_uri: str, run_id: str, trials: "pd.DataFrame | 
         if trials is not None:
             add("trials.csv", trials.to_csv(index=False))
             label = "trial" if "trial" in trials.columns else ("order" if "order" in trials.columns else None)
+            # final metrics only: a trial a scheduler stopped (`partial`) has none and is left out of the bars
+            complete = trials[~trials["partial"].astype(bool)] if "partial" in trials.columns else trials
             try:
-                add("summary.png", figure_png(summary_figure(trials, label=label or "trial")))
+                add("summary.png", figure_png(summary_figure(complete, label=label or "trial")))
             except ValueError:  # no metric columns (every trial stopped early): the CSV says it all
                 pass
         for name, fig in (figures or {}).items():

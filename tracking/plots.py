@@ -22,6 +22,7 @@ __all__ = [
     "matrix_figure",
     "matrix_heatmap",
     "summary_figure",
+    "table_heatmap",
 ]
 
 # The comparison table's columns, in this order, when present (gk_* only when a judge ran).
@@ -120,6 +121,30 @@ def summary_figure(table: "pd.DataFrame", metrics: Sequence[str] = ("mft", "mfn"
         ax.invert_yaxis()
         ax.axvline(0, color="black", linewidth=0.6)
         ax.set_title(metric, fontsize=10)
+    return fig
+
+
+def table_heatmap(table: "pd.DataFrame", title: str, cmap: str = "viridis") -> "Figure":
+    """A labelled heatmap of a small DataFrame (rows = index, columns = columns; NaN cells blank), each cell
+    annotated with its value: the sweep analyses' tables (training position, carry-over, experts x rank)."""
+    import numpy as np
+
+    values = table.to_numpy(dtype=float)
+    fig = _figure(1.6 + 0.9 * values.shape[1], 1.2 + 0.6 * values.shape[0])
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap)
+    ax.set_xticks(range(values.shape[1]), labels=[str(c) for c in table.columns], rotation=45, ha="right")
+    ax.set_yticks(range(values.shape[0]), labels=[str(i) for i in table.index])
+    if table.columns.name:
+        ax.set_xlabel(str(table.columns.name))
+    if table.index.name:
+        ax.set_ylabel(str(table.index.name))
+    mean = float(np.nanmean(values)) if np.isfinite(values).any() else 0.0
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < mean else "black", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046)
     return fig
 
 

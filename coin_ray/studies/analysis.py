@@ -1,9 +1,12 @@
 """Order-sensitivity analysis of a sweep (pure functions over finished trials; no Ray, no MLflow).
 
 Each trial is a dict with `order` (task names in training order), `seed`, `matrix` (matrix[i][j] = score on
-order[j] after stage i) and `metrics` (cl_metrics). The analysis separates the order effect from seed noise:
-a one-way ANOVA with the order as factor and seeds as replicates gives the share of variance between orders
-(eta squared) and a p-value; with one seed per order, order and noise cannot be told apart, and it says so.
+order[j] after stage i), `metrics` (cl_metrics) and, in a sweep, the rest of its configuration (`method`,
+`num_experts`, `rank`, `alpha`, `lr`). Trials are grouped by their whole configuration (`CONFIG_COLUMNS`) and
+only trials that share it count as seeds of it. The analysis separates the order effect from seed noise: a
+one-way ANOVA with the configuration as factor and seeds as replicates gives the share of variance between
+configurations (eta squared) and a p-value; with one seed per configuration, the effect and noise cannot be
+told apart, and it says so. When only the order varies, the factor is the order.
 """
 from __future__ import annotations
 
@@ -25,6 +28,44 @@ class OrderAnalysis:
     notes: list[str] = field(default_factory=list)
 
 
+# what makes two trials the same configuration (the rest of a sweep's config is the same for every trial);
+# trials that share all of these differ by their seed only
+CONFIG_COLUMNS = ("order", "method", "num_experts", "rank", "alpha", "lr")
+
+
+def configuration(trial: dict[str, Any]) -> dict[str, Any]:
+    """The trial's configuration: its order joined by '>' and the other `CONFIG_COLUMNS` it carries."""
+    out = {"order": ">".join(trial["order"])}
+    out.update({c: trial[c] for c in CONFIG_COLUMNS[1:] if c in trial})
+    return out
+
+
+def distinct_runs(trials: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials less repeats: a search that samples one configuration twice with one seed ran one run."""
+    seen: set = set()
+    out = []
+    for t in trials:
+        key = (tuple(sorted(configuration(t).items(), key=lambda kv: kv[0])), t.get("seed", 0))
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def varying_columns(configs: pd.DataFrame) -> list[str]:
+    """The configuration columns that take more than one value across `configs` (rows of `configuration`)."""
+    return [c for c in CONFIG_COLUMNS if c in configs.columns and configs[c].nunique(dropna=False) > 1]
+
+
+def order_skip_reason(trials: Sequence[dict[str, Any]]) -> str | None:
+    """One line saying why the order analysis does not apply (every trial trained one order), else None."""
+    orders = {">".join(t["order"]) for t in trials}
+    if len(orders) == 1:
+        return (f"order analysis skipped: every finished trial trained the one order {orders.pop()} (orders vary "
+                f"with hparams.py --search-order or with a task_order.py design of several orders)")
+    return None
+
+
 def _final_scores(trial: dict[str, Any]) -> dict[str, float]:
     order, matrix = trial["order"], trial["matrix"]
     return {t: matrix[-1][j] for j, t in enumerate(order) if matrix[-1][j] is not None}
@@ -33,12 +74,21 @@ def _final_scores(trial: dict[str, Any]) -> dict[str, float]:
 def analyse_orders(trials: Sequence[dict[str, Any]], metric: str = "mfn", alpha: float = 0.05) -> OrderAnalysis:
     if not trials:
         raise ValueError("no finished trials to analyse")
-    rows = [{"order": ">".join(t["order"]), "seed": t.get("seed", 0), "value": t["metrics"].get(metric)} for t in trials]
+    trials = distinct_runs(trials)
+    rows = [{**configuration(t), "seed": t.get("seed", 0), "value": t["metrics"].get(metric)} for t in trials]
     df = pd.DataFrame(rows).dropna(subset=["value"])
-    per_order = (df.groupby("order")["value"].agg(n_seeds="count", mean="mean", std="std", min="min", max="max")
+    # grouped by the whole configuration; the table shows the order and whatever else varies
+    shown = ["order"] + [c for c in varying_columns(df) if c != "order"]
+    df["config"] = df[shown].astype(str).agg(" ".join, axis=1)
+    per_order = (df.groupby(shown, dropna=False)["value"]
+                 .agg(n_seeds="count", mean="mean", std="std", min="min", max="max")
                  .reset_index().sort_values("mean", ascending=False))
-    variance = _anova(df, alpha)
+    others = shown[1:]
+    variance = _anova(df, alpha, factor="order" if not others else "configuration")
     notes = [variance["verdict"]]
+    if others:
+        notes.append(f"the configurations differ in {', '.join(others)} besides the order: the effect measured is "
+                     f"that of the whole configuration, not of the order alone")
 
     tasks = sorted({t for tr in trials for t in tr["order"]})
     finals = pd.DataFrame([{**_final_scores(tr), "order": ">".join(tr["order"])} for tr in trials])
@@ -67,12 +117,13 @@ def analyse_orders(trials: Sequence[dict[str, Any]], metric: str = "mfn", alpha:
                          carry_over=carry, carry_over_gain=gain, notes=notes)
 
 
-def _anova(df: pd.DataFrame, alpha: float) -> dict[str, Any]:
-    groups = [g["value"].to_numpy(float) for _, g in df.groupby("order")]
+def _anova(df: pd.DataFrame, alpha: float, factor: str = "order") -> dict[str, Any]:
+    """One-way ANOVA of df["value"] with df["config"] as the factor (its levels are called `factor`s)."""
+    groups = [g["value"].to_numpy(float) for _, g in df.groupby("config")]
     k, n = len(groups), len(df)
     out: dict[str, Any] = {"orders": k, "runs": n}
     if k < 2:
-        out["verdict"] = "only one order: no order effect can be measured"
+        out["verdict"] = f"only one {factor}: no {factor} effect can be measured"
         return out
     grand = df["value"].mean()
     ss_between = sum(len(g) * (g.mean() - grand) ** 2 for g in groups)
@@ -81,8 +132,9 @@ def _anova(df: pd.DataFrame, alpha: float) -> dict[str, Any]:
     out.update(ss_between=float(ss_between), ss_within=float(ss_within),
                eta_squared=float(ss_between / ss_total) if ss_total > 0 else float("nan"))
     if n - k <= 0:
-        out["verdict"] = ("one seed per order: the order effect cannot be separated from seed noise; "
-                          "rerun with --seeds 2 or more")
+        out["verdict"] = (f"one seed per {factor}: the {factor} effect cannot be separated from seed noise; "
+                          "rerun with --seeds 2 or more" if factor == "order" else
+                          f"one seed per {factor}: the {factor} effect cannot be separated from seed noise")
         return out
     ms_between = ss_between / (k - 1)
     ms_within = ss_within / (n - k)
@@ -91,10 +143,10 @@ def _anova(df: pd.DataFrame, alpha: float) -> dict[str, Any]:
     f = ms_between / ms_within if ms_within > 0 else float("inf")
     p = float(stats.f.sf(f, k - 1, n - k)) if np.isfinite(f) else 0.0
     out.update(F=float(f), p_value=p, seed_std=float(np.sqrt(ms_within)))
-    out["verdict"] = (f"order effect distinguishable from seed noise (F={f:.2f}, p={p:.3g}, "
-                      f"{100 * out['eta_squared']:.0f}% of variance between orders)" if p < alpha else
-                      f"order differences are NOT distinguishable from seed noise (F={f:.2f}, p={p:.3g}, "
-                      f"{100 * out['eta_squared']:.0f}% of variance between orders)")
+    share = f"{100 * out['eta_squared']:.0f}% of variance between {factor}s"
+    out["verdict"] = (f"{factor} effect distinguishable from seed noise (F={f:.2f}, p={p:.3g}, {share})" if p < alpha
+                      else f"{factor} differences are NOT distinguishable from seed noise (F={f:.2f}, p={p:.3g}, "
+                           f"{share})")
     return out
 
 
@@ -127,8 +179,9 @@ def _carry_over(trials: Sequence[dict[str, Any]], tasks: list[str]) -> tuple[pd.
 def format_analysis(a: OrderAnalysis, metric: str = "mfn") -> str:
     """Plain-text report for the terminal."""
     fmt = lambda x: f"{x:.3f}"  # noqa: E731
-    parts = [f"Order sensitivity ({metric}, mean over seeds):", a.per_order.to_string(index=False, float_format=fmt),
-             "", "Verdict: " + a.variance["verdict"], "",
+    parts = [f"Order sensitivity ({metric}, mean over the seeds of each configuration):",
+             a.per_order.to_string(index=False, float_format=fmt), "", "Verdict: " + a.variance["verdict"],
+             *[f"Note: {n}" for n in a.notes[1:]], "",
              "Final accuracy per task across orders:", a.task_spread.to_string(index=False, float_format=fmt), "",
              "Final accuracy by training position (rows: task):", a.position.to_string(float_format=fmt)]
     if a.carry_over is not None:

@@ -1,5 +1,6 @@
 """The start and the end of a sweep script: pre-flight checks, data preparation, and the closing report
-(table, order analysis, MLflow sweep-run artifacts, how to open the MLflow UI)."""
+(trials table, the hyper-parameter report and the order analysis, MLflow sweep-run artifacts, how to open the
+MLflow UI)."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,11 @@ from coin_ray.config import ExperimentConfig
 from coin_ray.training.types import PreparedData
 from coin_ray.redact import redact_text
 from coin_ray.studies import cli
-from coin_ray.studies.analysis import analyse_orders, format_analysis
+from coin_ray.studies.analysis import analyse_orders, format_analysis, order_skip_reason
+from coin_ray.studies.hparam_analysis import (NoFinishedTrials, analyse_hparams, describe_space, format_hparams,
+                                              hparam_figures, hparam_tables, lower_is_better)
 from coin_ray.studies.runner import SweepOutcome, SweepSpec, trials_table
+from tracking.plots import table_heatmap
 
 
 def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -46,40 +50,69 @@ def prepare(cfg: ExperimentConfig, args: argparse.Namespace) -> PreparedData:
     return prepared
 
 
-def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design: str) -> dict[str, Any]:
+def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design: str,
+                 pareto: bool = False) -> dict[str, Any]:
+    """Print the trials and the study's analysis, log them on the sweep run (trials.csv, analysis/*.csv and
+    *.png, analysis/summary.txt), close it, and exit non-zero when a trial failed. `design` "hparams" adds
+    the hyper-parameter report (`hparam_analysis`; `pareto`: its Pareto front); the order analysis runs where
+    the finished trials trained more than one order."""
     table = trials_table(outcome.trials)
     sort_col = metric if metric in table.columns else "mfn"
     if sort_col in table.columns:
-        table = table.sort_values(sort_col, ascending=False)
+        table = table.sort_values(sort_col, ascending=lower_is_better(sort_col), kind="stable")
+    partial = table["partial"].astype(bool) if "partial" in table.columns else table.index.isna()
+    fmt = lambda x: f"{x:.3f}"  # noqa: E731
     print("\n=== Trials ===")
     with_cols = [c for c in ("order", "seed", "method", "num_experts", "rank", "mft", "mfn", "bwt", "forgetting",
                              "gk_mfn", "gk_bwt", "stages_reused", "status") if c in table.columns]
-    print(table[with_cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(table.loc[~partial, with_cols].to_string(index=False, float_format=fmt))
+    if partial.any():
+        stopped_cols = [c for c in with_cols if c not in cli.METRICS] + ["stage_reached", "n_stages",
+                                                                         "last_avg_seen_acc"]
+        print("\n=== Stopped early by the scheduler (partial: no final metrics; stage_reached of n_stages, and "
+              "the avg_seen_acc it was compared by) ===")
+        print(table.loc[partial, [c for c in stopped_cols if c in table.columns]].to_string(index=False,
+                                                                                          float_format=fmt))
     finished = [t for t in outcome.trials if t["matrix"] is not None]
+    tables, figures, summaries = {}, {}, []
+    metrics = {"stages_trained": outcome.stages_trained, "stages_reused": outcome.stages_reused,
+               "trials_finished": len(finished), "trials": len(outcome.trials), "trials_partial": int(partial.sum())}
+    hparams = None
+    if design == "hparams" and finished:
+        try:
+            hparams = analyse_hparams(table, describe_space(spec.param_space), metric=metric, pareto=pareto)
+        except NoFinishedTrials as e:  # e.g. --metric gk_mfn where the judge scored no trial
+            summaries.append(f"hyper-parameter report skipped: {e}")
+        else:
+            summaries.append(format_hparams(hparams))
+            tables.update(hparam_tables(hparams))
+            figures.update(hparam_figures(hparams))
+            metrics[f"best_{metric}"] = float(hparams.best[metric].iloc[0])
     analysis = None
-    if finished:
+    skip = order_skip_reason(finished) if finished else None
+    if skip:
+        summaries.append(skip)
+    elif finished:
         analysis = analyse_orders(finished, metric=metric)
-        print("\n" + format_analysis(analysis, metric))
+        summaries.append(format_analysis(analysis, metric))
+        tables.update({"per_order": analysis.per_order.set_index("order"),
+                       "task_spread": analysis.task_spread.set_index("task"), "position": analysis.position})
+        figures["position"] = table_heatmap(analysis.position, "final accuracy by training position")
+        if analysis.carry_over is not None:
+            tables["carry_over"] = analysis.carry_over
+            figures["carry_over"] = table_heatmap(
+                analysis.carry_over, "drop of A (row) when B (col) is trained right after", cmap="Reds")
+        for key in ("eta_squared", "p_value", "F", "seed_std"):
+            if key in analysis.variance:
+                metrics[f"order_{key}"] = analysis.variance[key]
+    for text in summaries:
+        print("\n" + text)
     print(f"\nstages trained: {outcome.stages_trained}, stages reused from the stage store: {outcome.stages_reused}")
     if spec.tracking and outcome.sweep_run_id:
         from tracking import close_sweep_run, experiment_runs_url, log_sweep_artifacts
 
         cfg = spec.base
-        tables, figures, texts = {}, {}, {}
-        metrics = {"stages_trained": outcome.stages_trained, "stages_reused": outcome.stages_reused,
-                   "trials_finished": len(finished), "trials": len(outcome.trials)}
-        if analysis is not None:
-            tables = {"per_order": analysis.per_order.set_index("order"), "task_spread": analysis.task_spread.set_index("task"),
-                      "position": analysis.position}
-            figures = {"position": table_heatmap(analysis.position, "final accuracy by training position")}
-            if analysis.carry_over is not None:
-                tables["carry_over"] = analysis.carry_over
-                figures["carry_over"] = table_heatmap(
-                    analysis.carry_over, "drop of A (row) when B (col) is trained right after", cmap="Reds")
-            texts = {"summary.txt": format_analysis(analysis, metric)}
-            for key in ("eta_squared", "p_value", "F", "seed_std"):
-                if key in analysis.variance:
-                    metrics[f"order_{key}"] = analysis.variance[key]
+        texts = {"summary.txt": "\n\n".join(summaries)} if summaries else {}
         log_sweep_artifacts(cfg.tracking.tracking_uri, outcome.sweep_run_id, trials=table, metrics=metrics,
                             figures=figures, tables=tables, texts=texts)
         close_sweep_run(cfg.tracking.tracking_uri, outcome.sweep_run_id,
@@ -96,27 +129,4 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
         for t in failed:
             print(f"  {t['name']}: {t.get('error') or 'no error message'}", file=sys.stderr)
         raise SystemExit(1)
-    return {"table": table, "analysis": analysis}
-
-
-def table_heatmap(table, title: str, cmap: str = "viridis"):
-    """A labelled heatmap of a small DataFrame (NaN cells blank) as a matplotlib Figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    values = table.to_numpy(dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * values.shape[1], 1.0 + 0.6 * values.shape[0]))
-    im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap)
-    ax.set_xticks(range(values.shape[1]), [str(c) for c in table.columns], rotation=45, ha="right")
-    ax.set_yticks(range(values.shape[0]), [str(i) for i in table.index])
-    for (i, j), v in np.ndenumerate(values):
-        if np.isfinite(v):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < np.nanmean(values) else "black",
-                    fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return fig
+    return {"table": table, "analysis": analysis, "hparams": hparams}

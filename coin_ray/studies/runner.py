@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from coin_ray.config import ExperimentConfig
-from coin_ray.studies.space import decode
+from coin_ray.studies.space import HP_PREFIX, RANDOM_KEY_PREFIX, decode
 from coin_ray.training.types import PreparedData
 
 
@@ -96,7 +96,7 @@ class SweepSpec:
 
 @dataclass
 class SweepOutcome:
-    trials: list[dict[str, Any]]  # order, seed, hparams, name, matrix, metrics, status, stages_reused
+    trials: list[dict[str, Any]]  # name, order, seed, E, r, sampled, matrix, metrics, status, partial, ...
     sweep_run_id: str | None
     experiment_id: str | None
     stages_trained: int
@@ -178,6 +178,7 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
                                "method": tcfg.tuner.method, "num_experts": tcfg.tuner.num_experts,
                                "rank": tcfg.tuner.rank, "alpha": tcfg.tuner.alpha, "lr": tcfg.train.lr,
                                "run_key": run_key(tcfg.name, tcfg.flatten(), data_hash),
+                               "sampled": sampled_params(res.config), "n_stages": len(tcfg.order),
                                "status": "ERROR" if res.error else "TERMINATED",
                                "error": error_summary(res.error) if res.error else None}
         try:
@@ -185,11 +186,14 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
                 raise NoRunResult(f"trial {tcfg.name} failed: {res.error}")
             rr = load_run_result(tcfg, data_hash)
             row.update(matrix=rr.matrix, knowledge_matrix=rr.knowledge_matrix, metrics=rr.metrics,
-                       stages_reused=len(rr.stages_reused), zero_shot=rr.zero_shot)
-        except NoRunResult:  # stopped early (ASHA) or failed: keep what Tune saw
-            row.update(matrix=None, metrics={k: v for k, v in (res.metrics or {}).items()
-                                             if isinstance(v, (int, float))}, stages_reused=0,
-                       status="STOPPED" if not res.error else "ERROR")
+                       stages_reused=len(rr.stages_reused), zero_shot=rr.zero_shot, partial=False,
+                       stage_reached=len(tcfg.order), last_reported={})
+        except NoRunResult:  # stopped early (ASHA) or failed: no final metrics, only what Tune saw last
+            last = {k: v for k, v in (res.metrics or {}).items() if isinstance(v, (int, float))}
+            row.update(matrix=None, metrics={}, last_reported=last, stages_reused=0,
+                       status="STOPPED" if not res.error else "ERROR", partial=not res.error,
+                       # stages the trial completed: the loop reports its 0-based "stage" after each one
+                       stage_reached=int(last["stage"]) + 1 if "stage" in last else 0)
         trials.append(row)
     if tracking is not None:  # trials Tune stopped (ASHA) or that died never closed their MLflow run
         from tracking import mark_run_failed
@@ -229,22 +233,37 @@ def error_summary(error: BaseException) -> str:
     return f"{type(inner).__name__}: {first}" if first else type(inner).__name__
 
 
+def sampled_params(config: dict[str, Any]) -> dict[str, Any]:
+    """The values a search sampled for a trial (`hp.*` and the order's `key.*`), as Tune gave them (before
+    `trial_config` makes the rank divisible by the expert count)."""
+    return {k: v for k, v in config.items() if k.startswith((HP_PREFIX, RANDOM_KEY_PREFIX))}
+
+
 def _trial_name_of(cfg: ExperimentConfig, config: dict[str, Any], data_hash: str) -> str:
     return trial_config(cfg.to_dict(), config, data_hash).name
 
 
 def trials_table(trials: list[dict[str, Any]]):
-    """One row per trial with the contract columns (order, method, E, r, MFT, MFN, BWT, forgetting...)."""
+    """One row per trial with the contract columns (order, method, E, r, MFT, MFN, BWT, forgetting...).
+
+    Final metrics are those of finished trials only; a trial a scheduler stopped is `partial` (status STOPPED)
+    with the stages it completed (`stage_reached` of `n_stages`) and the `avg_seen_acc` Tune last saw from it
+    (`last_avg_seen_acc`, what ASHA compared). The values a search sampled follow as `hp.*` / `key.*` columns."""
     import pandas as pd
 
     rows = []
     for t in trials:
         m = t.get("metrics") or {}
+        n_stages = t.get("n_stages", len(t["order"]))
         rows.append({"trial": t["name"], "order": ">".join(t["order"]), "seed": t["seed"], "method": t["method"],
                      "num_experts": t["num_experts"], "rank": t["rank"], "alpha": t["alpha"], "lr": t["lr"],
-                     "status": t["status"], "stages_reused": t.get("stages_reused", 0),
+                     "status": t["status"], "partial": bool(t.get("partial", False)),
+                     "stage_reached": t.get("stage_reached", n_stages), "n_stages": n_stages,
+                     "last_avg_seen_acc": (t.get("last_reported") or {}).get("avg_seen_acc", math.nan),
+                     "stages_reused": t.get("stages_reused", 0),
                      **{k: m.get(k, math.nan) for k in ("mft", "mfn", "maa", "bwt", "forgetting", "fwt",
-                                                        "gk_mft", "gk_mfn", "gk_bwt", "gk_forgetting")}})
+                                                        "gk_mft", "gk_mfn", "gk_bwt", "gk_forgetting")},
+                     **(t.get("sampled") or {})})
     df = pd.DataFrame(rows)
     return df.dropna(axis=1, how="all")
 
