@@ -138,9 +138,9 @@ def test_metric_checked():
     from coin_ray.evaluation import cl_metrics
 
     # the valid metrics are exactly what a trial reports
-    assert set(cl_metrics([[1.0, 0.2], [0.5, 1.0]], zero_shot=[None, 0.1])) == set(cli.CL_METRICS)
+    assert set(cl_metrics([[1.0, 0.2], [0.5, 1.0]], zero_shot=[None, 0.1])) == set(cli.CL_METRIC_NAMES)
     _plan("--metric", "bwt")
-    with pytest.raises(cli.UsageError, match="--metric 'accuracy' is not a metric: use one of mfn"):
+    with pytest.raises(cli.UsageError, match="--metric .accuracy. is not a metric: use one of mft, mfn"):
         _plan("--metric", "accuracy")
     with pytest.raises(cli.UsageError, match="eval.zero_shot=true"):
         _plan("--metric", "fwt")

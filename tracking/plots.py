@@ -9,6 +9,8 @@ import io
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
+from coin_ray.evaluation.metrics import METRIC_NAMES, higher_is_better
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.axes import Axes
@@ -26,10 +28,7 @@ __all__ = [
 ]
 
 # The comparison table's columns, in this order, when present (gk_* only when a judge ran).
-TABLE_COLUMNS = ("trial", "order", "seed", "method", "num_experts", "rank", "mft", "mfn", "maa", "bwt",
-                 "forgetting", "fwt", "gk_mft", "gk_mfn", "gk_bwt", "gk_forgetting", "stages_reused", "status")
-HIGHER_IS_BETTER = {"mft": True, "mfn": True, "maa": True, "bwt": True, "fwt": True, "forgetting": False,
-                    "gk_mft": True, "gk_mfn": True, "gk_maa": True, "gk_bwt": True, "gk_forgetting": False}
+TABLE_COLUMNS = ("trial", "order", "seed", "method", "num_experts", "rank", *METRIC_NAMES, "stages_reused", "status")
 
 
 def _nan(value: float | None) -> float:
@@ -166,11 +165,11 @@ def format_table(table: "pd.DataFrame", sort_by: str | None = None, ascending: b
         if sort_by not in table.columns:
             raise ValueError(f"cannot sort by {sort_by!r}: the table has {', '.join(map(str, table.columns))}")
         if ascending is None:
-            ascending = not HIGHER_IS_BETTER.get(sort_by, True)
+            ascending = not higher_is_better(sort_by)
         table = table.sort_values(sort_by, ascending=ascending, na_position="last")
     ordered = [c for c in columns if c in table.columns] + [c for c in table.columns if c not in columns]
     shown = table[ordered].copy()
     for column in ordered:
-        if column in HIGHER_IS_BETTER or column.startswith("gk_"):
+        if column in METRIC_NAMES:
             shown[column] = shown[column].map(lambda v: "" if v is None or v != v else f"{100 * float(v):.1f}")
     return shown.to_string(index=False)

@@ -17,13 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from coin_ray.evaluation.metrics import METRIC_NAMES
+
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-METRIC_COLUMNS = ("mft", "mfn", "maa", "bwt", "forgetting", "fwt", "gk_mft", "gk_mfn", "gk_maa", "gk_bwt",
-                  "gk_forgetting", "gk_fwt", "stages_reused")
+METRIC_COLUMNS = (*METRIC_NAMES, "stages_reused")
 
 
 class ReportError(ValueError):

@@ -77,6 +77,17 @@ def per_task_forgetting(matrix: Sequence[Sequence[float | None]]) -> list[float]
     return _forgetting(_checked_matrix(matrix))
 
 
+# The final metrics of a run: the keys of cl_metrics (a test keeps them equal), then the same of the knowledge
+# matrix (gk_*). The one list the sweep flags, the trials tables and the MLflow report use.
+CL_METRIC_NAMES = ("mft", "mfn", "maa", "bwt", "forgetting", "fwt")
+METRIC_NAMES = CL_METRIC_NAMES + tuple(f"gk_{m}" for m in CL_METRIC_NAMES)
+
+
+def higher_is_better(metric: str) -> bool:
+    """Every CL metric is better when higher except forgetting (the mean drop from each task's best score)."""
+    return metric.removeprefix("gk_") != "forgetting"
+
+
 def cl_metrics(matrix: Sequence[Sequence[float | None]],
                zero_shot: Sequence[float | None] | None = None) -> dict[str, float]:
     """Summary metrics of one continual run. With 1-based i, j, T tasks and R[i][j] as above:

@@ -12,6 +12,7 @@ from typing import Any
 
 from coin_ray.config import ExperimentConfig, dotted, load_yaml_file, parse_override, preset
 from coin_ray.errors import UserError
+from coin_ray.evaluation.metrics import CL_METRIC_NAMES, METRIC_NAMES, higher_is_better  # noqa: F401
 from coin_ray.training.types import PreparedData
 
 
@@ -51,15 +52,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="also Ray's own logs and Tune's trial table (default: one line per stage, Ray's warnings)")
 
 
-# the final metrics of a trial (coin_ray.evaluation.cl_metrics; a test keeps them equal) and the same of the
-# knowledge matrix (gk_*); the analysis and the trials table compare trials by one of them
-CL_METRICS = ("mfn", "mft", "maa", "bwt", "forgetting", "fwt")
-METRICS = CL_METRICS + tuple(f"gk_{m}" for m in CL_METRICS)
-
-
-def higher_is_better(metric: str) -> bool:
-    """Every CL metric is better when higher except forgetting (the mean drop from each task's best score)."""
-    return metric.removeprefix("gk_") != "forgetting"
+# the metrics the analysis and the trials table compare trials by (coin_ray.evaluation.metrics)
+CL_METRICS, METRICS = CL_METRIC_NAMES, METRIC_NAMES
 
 
 def check_count(flag: str, value: float | None, minimum: int = 1) -> None:

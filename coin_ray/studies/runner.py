@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from coin_ray.config import ExperimentConfig
+from coin_ray.evaluation.metrics import METRIC_NAMES
 from coin_ray.studies.space import HP_PREFIX, RANDOM_KEY_PREFIX, decode
 from coin_ray.training.types import PreparedData
 
@@ -261,8 +262,7 @@ def trials_table(trials: list[dict[str, Any]]):
                      "stage_reached": t.get("stage_reached", n_stages), "n_stages": n_stages,
                      "last_avg_seen_acc": (t.get("last_reported") or {}).get("avg_seen_acc", math.nan),
                      "stages_reused": t.get("stages_reused", 0),
-                     **{k: m.get(k, math.nan) for k in ("mft", "mfn", "maa", "bwt", "forgetting", "fwt",
-                                                        "gk_mft", "gk_mfn", "gk_bwt", "gk_forgetting")},
+                     **{k: m.get(k, math.nan) for k in METRIC_NAMES},
                      **(t.get("sampled") or {})})
     df = pd.DataFrame(rows)
     return df.dropna(axis=1, how="all")
