@@ -390,6 +390,16 @@ def test_sweep_artifacts_report_and_ui_link(store, client, tmp_path):
     exp_id = client.get_experiment_by_name("report").experiment_id
     assert command == f"mlflow ui --backend-store-uri {store}"
     assert url == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs"
+    # the compare page of exactly this sweep's trial runs; each shows its order once, as task_order
+    from urllib.parse import unquote
+
+    from tracking import sweep_compare_url
+
+    kids = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{sweep_id}'")
+    compare = unquote(sweep_compare_url(store, "report", sweep_id))
+    assert compare == (f"http://127.0.0.1:5000/#/compare-runs?runs={json.dumps(sorted(r.info.run_id for r in kids))}"
+                       f"&experiments=[\"{exp_id}\"]").replace(", ", ",")
+    assert len(kids) == 2 and all("order" not in r.data.params and ">" in r.data.params["task_order"] for r in kids)
 
 
 # ---- run identity and tracking faults --------------------------------------------------------------------------

@@ -29,6 +29,7 @@ _EXPORTS = {
     "check_tracking_uri": "tracking._uri",
     "resolve_tracking_uri": "tracking._uri",
     "experiment_runs_url": "tracking._uri",
+    "sweep_compare_url": "tracking._uri",
     "redact": "coin_ray.redact",
     "redact_params": "coin_ray.redact",
     "redact_text": "coin_ray.redact",

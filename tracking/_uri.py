@@ -135,6 +135,29 @@ def get_or_create_experiment(client: "MlflowClient", uri: str, experiment: str) 
         return found.experiment_id
 
 
+def sweep_compare_url(tracking_uri: str | None, experiment: str, sweep_run_id: str) -> str | None:
+    """Link to MLflow's compare page for the trial runs of one sweep (children of `sweep_run_id`): their params
+    and metrics side by side, with parallel coordinates and box plots. None when the sweep has no trial run."""
+    import json
+    from urllib.parse import quote
+
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or DEFAULT_TRACKING_URI
+    client = MlflowClient(resolve_tracking_uri(uri))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{sweep_run_id}'",
+                              max_results=1000)
+    if not runs:
+        return None
+    base = redact_text(uri).rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    ids = json.dumps(sorted(r.info.run_id for r in runs), separators=(",", ":"))
+    experiments = json.dumps([found.experiment_id], separators=(",", ":"))
+    return f"{base}/#/compare-runs?runs={quote(ids)}&experiments={quote(experiments)}"
+
+
 def experiment_runs_url(tracking_uri: str | None, experiment: str) -> tuple[str | None, str]:
     """(command that starts the UI, link to the experiment's runs view).
 

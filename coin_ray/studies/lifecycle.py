@@ -109,7 +109,7 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
         print("\n" + text)
     print(f"\nstages trained: {outcome.stages_trained}, stages reused from the stage store: {outcome.stages_reused}")
     if spec.tracking and outcome.sweep_run_id:
-        from tracking import close_sweep_run, experiment_runs_url, log_sweep_artifacts
+        from tracking import close_sweep_run, experiment_runs_url, log_sweep_artifacts, sweep_compare_url
 
         cfg = spec.base
         texts = {"summary.txt": "\n\n".join(summaries)} if summaries else {}
@@ -123,6 +123,9 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
         if ui_cmd:
             print(f"Look at them with:\n  {ui_cmd}")
         print(f"then open {url}")
+        compare = sweep_compare_url(cfg.tracking.tracking_uri, cfg.tracking.experiment, outcome.sweep_run_id)
+        if compare:
+            print(f"or compare this sweep's trials side by side: {compare}")
     failed = [t for t in outcome.trials if t["status"] == "ERROR"]
     if failed:  # a scheduler's stop (STOPPED) is a decision, not a failure
         print(f"\nerror: {len(failed)} of {len(outcome.trials)} trials failed:", file=sys.stderr)

@@ -47,8 +47,33 @@ def trial_config(base: dict[str, Any], config: dict[str, Any], data_hash: str = 
     return cfg.replace(name=trial_name(choice.order, choice.seed, choice.hparams, config_hash(cfg.flatten(), data_hash)))
 
 
+@dataclass(frozen=True)
+class TrialTracking:
+    """Where a sweep's trials log: the MLflow store and experiment, the sweep's parent run, and the folder
+    where writes the server did not take wait (tracking.replay sends them)."""
+
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    sweep: str
+    spool_dir: str
+
+    def tracker(self, name: str, run_key: str) -> Any:
+        """A factory of the trial's MlflowTracker (built on the worker that runs the trial's rank 0)."""
+        from tracking import MlflowTracker
+
+        return functools.partial(MlflowTracker, self.tracking_uri, self.experiment, name,
+                                 parent_run_id=self.parent_run_id, tags={"coin_ray.sweep": self.sweep},
+                                 run_key=run_key, spool_dir=self.spool_dir)
+
+    def mark_failed(self, run_key: str, status: str = "FAILED") -> None:
+        from tracking import mark_run_failed
+
+        mark_run_failed(self.tracking_uri, self.experiment, run_key, parent_run_id=self.parent_run_id, status=status)
+
+
 def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: PreparedData,
-                    tracking: dict[str, Any] | None, verbose: bool = False) -> None:
+                    tracking: TrialTracking | None, verbose: bool = False) -> None:
     """The Tune function trainable: one continual run; per-stage metrics reach Tune from the Train workers
     (TuneReportCallback), so schedulers such as ASHA can stop a trial between stages."""
     from coin_ray.identity import run_key
@@ -56,14 +81,7 @@ def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: P
 
     cfg = trial_config(base, config, prepared.data_hash)
     key = run_key(cfg.name, cfg.flatten(), prepared.data_hash)
-    hooks_factory = None
-    if tracking is not None:
-        from tracking import MlflowTracker
-
-        hooks_factory = functools.partial(
-            MlflowTracker, tracking["tracking_uri"], tracking["experiment"], cfg.name,
-            parent_run_id=tracking.get("parent_run_id"), tags={"coin_ray.sweep": tracking.get("sweep", "")},
-            run_key=key, spool_dir=tracking.get("spool_dir"))
+    hooks_factory = tracking.tracker(cfg.name, key) if tracking is not None else None
     from ray.tune.integration.ray_train import TuneReportCallback
 
     try:
@@ -71,10 +89,7 @@ def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: P
                       verbose=verbose)
     except BaseException:
         if tracking is not None:
-            from tracking import mark_run_failed
-
-            mark_run_failed(tracking["tracking_uri"], tracking["experiment"], key,
-                            parent_run_id=tracking.get("parent_run_id"))
+            tracking.mark_failed(key)
         raise
 
 
@@ -143,10 +158,9 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
         spec.base = cfg
         sweep_run_id = open_sweep_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, spec.name,
                                       params=spec.sweep_params, tags={"coin_ray.sweep": spec.name}, run_key=key)
-        tracking = {"tracking_uri": cfg.tracking.tracking_uri, "experiment": cfg.tracking.experiment,
-                    "parent_run_id": sweep_run_id, "sweep": spec.name,
-                    # undelivered MLflow writes stay beside the results (shared storage on a cluster)
-                    "spool_dir": str(storage / "mlflow_spool")}
+        tracking = TrialTracking(cfg.tracking.tracking_uri, cfg.tracking.experiment, sweep_run_id, spec.name,
+                                 # undelivered MLflow writes stay beside the results (shared storage on a cluster)
+                                 spool_dir=str(storage / "mlflow_spool"))
     from coin_ray.training.continual import with_train_datasets
 
     prepared = with_train_datasets(cfg, prepared)  # read small train splits once for every trial
@@ -197,12 +211,9 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
                        stage_reached=int(last["stage"]) + 1 if "stage" in last else 0)
         trials.append(row)
     if tracking is not None:  # trials Tune stopped (ASHA) or that died never closed their MLflow run
-        from tracking import mark_run_failed
-
         for t in trials:
             if t["matrix"] is None:
-                mark_run_failed(tracking["tracking_uri"], tracking["experiment"], t["run_key"],
-                                parent_run_id=sweep_run_id, status="KILLED" if t["status"] == "STOPPED" else "FAILED")
+                tracking.mark_failed(t["run_key"], status="KILLED" if t["status"] == "STOPPED" else "FAILED")
     finished = [t for t in trials if t["matrix"] is not None]
     stages_total = sum(len(t["order"]) for t in finished)
     reused = sum(t["stages_reused"] for t in finished)
