@@ -30,6 +30,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "TunerConfig",
+    "ContinualConfig",
     "TrainConfig",
     "EvalConfig",
     "ScalingConfig",
@@ -47,6 +48,9 @@ __all__ = [
 
 BENCHMARKS = ("synthetic", "coin")
 METHODS = ("moelora", "lora", "full")
+# cl.method: the continual-learning method on top of the tuner (= the registry of coin_ray.methods; a test
+# keeps them equal; not imported so that reading a config never imports torch)
+CL_METHODS = ("none", "olora", "ewc", "lwf")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision: the autocast dtype (coin_ray.models._precision)
 MODEL_DTYPES = ("auto", "bf16", "fp16", "fp32")  # model.dtype: the dtype the frozen base is held in
 PROMPTS = ("vicuna_v1", "checkpoint")  # model.prompt: CoIN's vicuna_v1, or the checkpoint's own chat template
@@ -239,6 +243,56 @@ class TunerConfig:
 
 
 @dataclass(frozen=True)
+class ContinualConfig:
+    """The continual-learning method trained on top of the tuner (coin_ray/methods): `none` (plain sequential
+    tuning), `olora` (a new LoRA block per task, earlier ones frozen, orthogonality loss; needs tuner.method
+    lora), `ewc` (diagonal-Fisher quadratic penalty) or `lwf` (distillation from the previous stage's model).
+    Replay composes with any of them through train.replay_per_task."""
+
+    method: str = "none"
+    olora_lambda_orth: float = 0.5  # O-LoRA lambda_1: weight of sum |A_new A_old^T| over the adapted layers
+    olora_lambda_l2: float = 0.0  # O-LoRA lambda_2: weight of the L2 norm of the new adapter
+    ewc_lambda: float = 1000.0  # EWC penalty lambda/2 * sum F_i (theta_i - theta*_i)^2
+    ewc_samples: int = 64  # training examples of a stage its diagonal Fisher is estimated on
+    lwf_weight: float = 1.0  # LwF: weight of the distillation term
+    lwf_temperature: float = 2.0  # LwF: softmax temperature T (the term is scaled by T^2)
+
+    # the fields each method reads; the others do not change its result (stage keys leave them out)
+    METHOD_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "none": (),
+        "olora": ("olora_lambda_orth", "olora_lambda_l2"),
+        "ewc": ("ewc_lambda", "ewc_samples"),
+        "lwf": ("lwf_weight", "lwf_temperature"),
+    }
+
+    def options(self) -> dict[str, Any]:
+        """The chosen method's options (the fields it reads)."""
+        return {name: getattr(self, name) for name in self.METHOD_FIELDS.get(self.method, ())}
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _check(p, self.method in CL_METHODS, f"cl.method must be one of {CL_METHODS}, got {self.method!r}")
+        for name in ("olora_lambda_orth", "olora_lambda_l2", "ewc_lambda", "lwf_weight"):
+            _check(p, getattr(self, name) >= 0, f"cl.{name} must be >= 0, got {getattr(self, name)}")
+        _check(p, self.ewc_samples >= 1, f"cl.ewc_samples must be >= 1, got {self.ewc_samples}")
+        _check(p, self.lwf_temperature > 0, f"cl.lwf_temperature must be > 0, got {self.lwf_temperature}")
+        return p
+
+
+def continual_problems(cl: ContinualConfig, tuner: TunerConfig, train: "TrainConfig") -> list[str]:
+    """The rules between cl.method and the tuner/optimiser it trains with (each value is checked by its own
+    section)."""
+    p: list[str] = []
+    if cl.method == "olora":
+        _check(p, tuner.method == "lora", f"cl.method olora trains LoRA blocks: set tuner.method lora, got "
+                                          f"{tuner.method!r}")
+        _check(p, train.weight_decay == 0, f"cl.method olora freezes the earlier tasks' blocks by masking their "
+                                           f"gradients, which AdamW's weight decay would still shrink: set "
+                                           f"train.weight_decay 0, got {train.weight_decay}")
+    return p
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Per-stage optimisation. Each stage gets a fresh AdamW + warmup/cosine schedule (as CoIN's per-stage
     scripts do); `max_steps` > 0 overrides `epochs`."""
@@ -336,6 +390,7 @@ _SECTIONS = {
     "data": DataConfig,
     "model": ModelConfig,
     "tuner": TunerConfig,
+    "cl": ContinualConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
     "scaling": ScalingConfig,
@@ -354,6 +409,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tuner: TunerConfig = field(default_factory=TunerConfig)
+    cl: ContinualConfig = field(default_factory=ContinualConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
@@ -370,6 +426,7 @@ class ExperimentConfig:
             problems += _type_problems(value, f"{section}.") or value.problems()
         if not problems:
             problems += precision_problems(self.model.dtype, self.train.precision)
+            problems += continual_problems(self.cl, self.tuner, self.train)
         top_problems = _type_problems(self, "")
         problems += top_problems
         if not any(p.startswith("order:") for p in top_problems):

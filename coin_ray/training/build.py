@@ -41,13 +41,16 @@ def build_base(cfg: ExperimentConfig, storage_path: Path, device: torch.device |
 
 def build_model(cfg: ExperimentConfig, storage_path: Path, device: torch.device | None = None
                 ) -> tuple[torch.nn.Module, Any]:
-    """The base VLM with the tuner applied (adapter init seeded by train.seed: part of the replicate); every
-    trainable parameter is a float32 master weight whatever the base dtype."""
+    """The base VLM with the tuner applied - the one the continual method builds on (`Method.tuner`; adapter
+    init seeded by train.seed: part of the replicate); every trainable parameter is a float32 master weight
+    whatever the base dtype."""
+    from coin_ray.methods import build_method
     from coin_ray.models._precision import fp32_master_weights
     from coin_ray.tuners import apply_tuner
 
     model, processor = build_base(cfg, storage_path, device)
     torch.manual_seed(cfg.train.seed)
-    apply_tuner(model, cfg.tuner.method, **cfg.tuner.options())
+    tuner, options = build_method(cfg).tuner()
+    apply_tuner(model, tuner, **options)
     fp32_master_weights(model)
     return model, processor

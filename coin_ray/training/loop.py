@@ -14,6 +14,7 @@ from typing import Any
 
 from coin_ray.config import ExperimentConfig
 from coin_ray.evaluation.metrics import cl_metrics, mean_seen
+from coin_ray.methods import build_method
 from coin_ray.training.build import build_model, resolved_precision
 from coin_ray.training.evaluate import EvalRow, evaluate_row
 from coin_ray.training.hooks import HookList, RunInfo, RunResult, StageReport
@@ -90,7 +91,8 @@ def start_run(wc: WorkerConfig, env: WorkerEnv) -> WorkerRun:
                      store=StageStore(storage / "stage_store" if cfg.use_stage_cache else run_dir / "stages"),
                      model=model, processor=processor, judge=judge, hooks=hooks, run_dir=run_dir,
                      autocast_dtype=resolved_precision(cfg, env.device)[1],
-                     weights=LoadedWeights(model, env.device), step_callbacks=list(wc.step_callbacks))
+                     weights=LoadedWeights(model, env.device), method=build_method(cfg),
+                     step_callbacks=list(wc.step_callbacks))
 
 
 def evaluate_zero_shot(run: WorkerRun) -> EvalRow:

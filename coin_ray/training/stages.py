@@ -48,6 +48,9 @@ def stage_material(cfg: ExperimentConfig, data_hash: str, prefix: tuple[str, ...
     # only the fields the tuning method reads: LoRA trials that differ only in num_experts share stages
     material["tuner.method"] = cfg.tuner.method
     material.update({f"tuner.{k}": flat[f"tuner.{k}"] for k in cfg.tuner.METHOD_FIELDS[cfg.tuner.method]})
+    from coin_ray.methods import build_method
+
+    material.update(build_method(cfg).key_material())  # the continual method and its options ({} for plain)
     material.update({
         "data.benchmark": cfg.data.benchmark,
         "data.max_train_rows": cfg.data.max_train_rows,
@@ -106,7 +109,7 @@ def obtain_stage(run: WorkerRun, prefix: tuple[str, ...]) -> Stage:
         run.weights.ensure()
         losses, optim_state = train_stage(run, prefix)
         if env.rank == 0:
-            entry = store.put(key, material, lambda directory: _write_stage(run.model, losses, optim_state, directory))
+            entry = store.put(key, material, lambda directory: _write_stage(run, losses, optim_state, directory))
     finally:
         if claim is not None:
             claim.release()
@@ -116,11 +119,12 @@ def obtain_stage(run: WorkerRun, prefix: tuple[str, ...]) -> Stage:
     return Stage(key, entry, losses, reused=False)
 
 
-def _write_stage(model: torch.nn.Module, losses: list[tuple[int, float]], optim_state: dict[str, Any],
+def _write_stage(run: WorkerRun, losses: list[tuple[int, float]], optim_state: dict[str, Any],
                  directory: Path) -> None:
     from coin_ray.tuners import save_tuner
 
-    save_tuner(model, directory / ADAPTER_DIR)
+    save_tuner(run.model, directory / ADAPTER_DIR)
+    run.method.save_state(directory)  # what the continual method carries to the next stage
     torch.save(optim_state, directory / "optimizer.pt")
     (directory / LOSSES_FILE).write_text(json.dumps(losses))
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},

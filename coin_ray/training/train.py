@@ -44,6 +44,11 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
     # float16 autocast needs loss scaling (its gradients underflow); a step whose scaled gradients overflowed
     # is skipped by the scaler, as GradScaler is meant to work
     scaler = torch.amp.GradScaler(env.device.type) if autocast_dtype == torch.float16 else None
+    previous = run.weights.loaded  # the stage this one starts from (None: the fresh tuner)
+    run.method.start_stage(model, k, previous.checkpoint if previous is not None else None)
+
+    def autocast():
+        return torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
     def non_finite(what: str, value: float) -> NonFiniteError:
         return NonFiniteError(
@@ -64,11 +69,12 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
             last_micro = (micro + 1) % t.grad_accum == 0
             sync = contextlib.nullcontext() if (env.world <= 1 or last_micro) else train_model.no_sync()
             with sync:
-                with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = train_model(**batch).loss
-                    aux = tuner_aux_loss(model)
-                    if aux is not None:
-                        loss = loss + aux
+                with autocast():
+                    outputs = train_model(**batch)
+                    loss = outputs.loss
+                    for extra in (tuner_aux_loss(model), run.method.extra_loss(model, batch, outputs)):
+                        if extra is not None:
+                            loss = loss + extra
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise non_finite("loss", value)
@@ -101,6 +107,16 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
         epoch += 1
         if n_batches == 0:
             raise RuntimeError(f"stage {k} ({prefix[-1]}): the training shard is empty; check the preprocessed data")
+
+    def stage_batches(batch_size: int):  # the stage's rows in stored order, for the method's end of stage
+        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
+            yield {name: x.to(env.device) for name, x in batch.items()}
+
+    def forward(batch: dict[str, torch.Tensor]):
+        with autocast():
+            return model(**batch)
+
+    run.method.end_stage(model, stage_batches, forward)
     model.eval()
     bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
     if bad:

@@ -168,6 +168,7 @@ class WorkerRun:
     run_dir: Path
     autocast_dtype: torch.dtype | None
     weights: LoadedWeights
+    method: Any  # the continual-learning method (coin_ray.methods.base.Method)
     step_callbacks: list[StepCallback] = field(default_factory=list)
 
     @property
