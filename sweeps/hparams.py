@@ -27,7 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alphas", default=None, help="alpha choices searched (default: alpha = 2 x rank in every "
                                                    "trial, CoIN's ratio, so rank is not confounded with the scale)")
     p.add_argument("--lr", default=None, help="lr range LOW,HIGH searched log-uniformly (default: fixed)")
-    p.add_argument("--methods", default="moelora", help="methods to compare: moelora,lora")
+    p.add_argument("--methods", default="moelora", help="methods to compare: lora, moelora, full (plain "
+                                                         "sequential tuning), olora, ewc, lwf (on LoRA), each "
+                                                         "optionally +replay")
     p.add_argument("--search-order", action="store_true", help="also search the task order (random keys)")
     p.add_argument("--multi-objective", action="store_true", help="maximise MFN and minimise forgetting (NSGA-II)")
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="stage-level early stopping")
@@ -38,8 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    from coin_ray.config import METHODS
-
     args = parse_args(argv)
     # every check of the user's input comes before Ray is imported or started
     cfg = cli.build_base_config(args, default_experiment="coin-ray-hparams")
@@ -55,10 +55,7 @@ def main(argv=None) -> None:
     lr = cli.parse_list("--lr", args.lr, float, minimum=None) if args.lr else None
     if lr and not (len(lr) == 2 and 0 < lr[0] < lr[1]):
         raise cli.UsageError(f"--lr takes a range LOW,HIGH with 0 < LOW < HIGH, got {args.lr!r} (e.g. --lr 1e-4,1e-2)")
-    methods = cli.parse_list("--methods", args.methods, str, minimum=None)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise cli.UsageError(f"--methods: unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+    methods = cli.check_methods(args.methods, cfg)
 
     import ray.tune as tune
     from optuna.samplers import NSGAIISampler, RandomSampler, TPESampler
@@ -77,9 +74,12 @@ def main(argv=None) -> None:
     if lr:
         space[keys.hp("train.lr")] = tune.loguniform(*lr)
     if len(methods) > 1:
-        space[keys.hp("tuner.method")] = tune.choice(methods)
-    elif methods != [cfg.tuner.method]:
-        cfg = cfg.replace(**{"tuner.method": methods[0]})
+        space[keys.METHOD_KEY] = tune.choice(methods)
+    else:
+        from coin_ray.methods import method_changes, method_label
+
+        if methods[0] != method_label(cfg):
+            cfg = cfg.replace(**method_changes(methods[0], cfg.train.replay_per_task))
     if args.search_order:
         space.update(keys.random_keys(tune, cfg.order))
 

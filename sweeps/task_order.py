@@ -1,10 +1,12 @@
-"""Task-order sensitivity study: which order of CoIN tasks makes a MoELoRA model forget most?
+"""Task-order sensitivity study: which order of CoIN tasks makes a MoELoRA model forget most, and which
+continual-learning method is robust to the order?
 
     python sweeps/task_order.py                  # embedded defaults: synthetic benchmark, tiny VLM, local Ray
     python sweeps/task_order.py --smoke-test     # all 6 orders of 3 tasks, tiny budgets (minutes)
+    python sweeps/task_order.py --smoke-test --seeds 2 --methods lora,moelora,olora,ewc,lwf
     python sweeps/task_order.py --config configs/coin_llava7b.yaml --address auto --gpus-per-worker 1
 
-One Tune trial per (order, seed); each trial is one Ray Train run carrying every stage of its order;
+One Tune trial per (order, seed[, method]); each trial is one Ray Train run carrying every stage of its order;
 results go to MLflow (a parent run per sweep, a child run per trial) and to --storage-path.
 """
 from __future__ import annotations
@@ -27,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                     "(without --tasks, the tasks are those of the orders)")
     p.add_argument("--metric", default="mfn", help=f"metric the analysis compares and --design optuna searches "
                                                    f"on: {', '.join(cli.METRICS)}")
+    p.add_argument("--methods", help="continual-learning methods crossed with the orders: lora, moelora, full "
+                                     "(plain sequential tuning), olora, ewc, lwf (on LoRA), each optionally "
+                                     "+replay (default: the config's tuner.method and cl.method)")
     p.add_argument("--optuna-goal", choices=("worst", "best"), default="worst",
                    help="--design optuna searches for the order with the worst or the best --metric")
     cli.add_common_args(p)
@@ -48,6 +53,10 @@ def plan(args: argparse.Namespace):
     if args.orders and kind != "given":
         raise cli.UsageError(f"--orders lists the orders of --design given (the design here is {kind}): "
                              f"add --design given or leave --orders out")
+    methods = cli.check_methods(args.methods, cfg) if args.methods else None
+    if methods and kind == "optuna":
+        raise cli.UsageError("--methods crosses a fixed order design with the methods; --design optuna searches "
+                             "orders of one method (set it with --set tuner.method=... / cl.method=...)")
     tasks = list(cfg.order)
     orders = None
     if kind != "optuna":
@@ -56,14 +65,14 @@ def plan(args: argparse.Namespace):
         orders = designs.build_design(kind, tasks if kind != "given" or args.tasks else None, n=count, seed=0,
                                       orders=listed)
         cfg = cfg.replace(order=list(orders[0]) if kind == "given" else tasks)
-    return cfg, design, kind, count, orders
+    return cfg, design, kind, count, orders, methods
 
 
 def main(argv=None) -> None:
     from coin_ray.studies import designs
 
     args = parse_args(argv)
-    cfg, design, kind, count, orders = plan(args)
+    cfg, design, kind, count, orders, methods = plan(args)
     tasks = list(cfg.order)
     seeds = list(range(args.seeds))
 
@@ -85,13 +94,18 @@ def main(argv=None) -> None:
                            search_alg=search)
     else:
         spec_kwargs = dict(param_space={space.SEED_KEY: tune.grid_search(seeds)})
-    name = args.name or cli.default_sweep_name("task_order", kind, count, tasks, args)
+        if methods:
+            spec_kwargs["param_space"][space.METHOD_KEY] = tune.grid_search(methods)
+    name = args.name or (cli.default_sweep_name("task_order", kind, count, tasks, args)
+                         + (f"-{'_'.join(methods)}" if methods else ""))
     preflight(cfg, args)
     prepared = prepare(cfg, args)
     if orders is not None:
-        n_stages = len(orders) * len(seeds) * len(tasks)
-        print(f"[coin-ray] sweep {name}: {len(orders)} orders x {len(seeds)} seeds = {len(orders) * len(seeds)} trials, "
-              f"{n_stages} stages ({designs.distinct_prefixes(orders) * len(seeds)} distinct with the stage cache)")
+        per_order = len(seeds) * len(methods or [None])
+        by_method = f" x {len(methods)} methods" if methods else ""
+        print(f"[coin-ray] sweep {name}: {len(orders)} orders x {len(seeds)} seeds{by_method} = "
+              f"{len(orders) * per_order} trials, {len(orders) * per_order * len(tasks)} stages "
+              f"({designs.distinct_prefixes(orders) * per_order} distinct with the stage cache)")
     concurrency = cli.default_concurrency(cfg, args.max_concurrent_trials, prepared)
     if orders is not None:  # trials start in this order: shared prefixes trained once, trials at once rarely wait
         spec_kwargs["param_space"][space.ORDER_KEY] = tune.grid_search(
@@ -100,6 +114,7 @@ def main(argv=None) -> None:
                      resume=args.resume, tracking=not args.no_tracking, verbose=args.verbose,
                      sweep_params={"design": " ".join(design), "tasks": ",".join(tasks), "seeds": args.seeds,
                                    "metric": args.metric, "orders": len(orders) if orders else count,
+                                   **({"methods": ",".join(methods)} if methods else {}),
                                    **{k: v for k, v in cfg.flatten().items() if k != "order"}},
                      **spec_kwargs)
     outcome = run_sweep(spec, prepared)

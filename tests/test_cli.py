@@ -103,7 +103,7 @@ def test_parse_design_refuses(tokens, fragment):
 
 def test_design_given_takes_tasks_from_orders():
     # no --tasks: the default task set is all eight, but the orders name three
-    cfg, _, kind, _, orders = _plan("--design", "given", "--orders", "GQA>ImageNet>TextVQA;textvqa>gqa>imagenet")
+    cfg, _, kind, _, orders, _ = _plan("--design", "given", "--orders", "GQA>ImageNet>TextVQA;textvqa>gqa>imagenet")
     assert kind == "given" and cfg.order == ("GQA", "ImageNet", "TextVQA")
     assert orders == [("GQA", "ImageNet", "TextVQA"), ("TextVQA", "GQA", "ImageNet")]
     # with --tasks the orders must be permutations of them
@@ -116,7 +116,7 @@ def test_design_given_takes_tasks_from_orders():
 def test_orders_file_or_clear_error(tmp_path):
     path = tmp_path / "orders.txt"
     path.write_text("# two orders\nScienceQA>TextVQA\n\nTextVQA > ScienceQA\n")
-    cfg, _, _, _, orders = _plan("--design", "given", "--orders", str(path))
+    cfg, _, _, _, orders, _ = _plan("--design", "given", "--orders", str(path))
     assert orders == [("ScienceQA", "TextVQA"), ("TextVQA", "ScienceQA")] and cfg.order == ("ScienceQA", "TextVQA")
     for missing in (str(tmp_path / "nope.txt"), "orders.txt", "sub/orders"):
         with pytest.raises(cli.UsageError, match="no such file"):
@@ -187,6 +187,8 @@ def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("hparams.py", ["--ranks", "8,x"], "--ranks takes comma-separated whole numbers"),
     ("hparams.py", ["--lr", "1e-2"], "--lr takes a range LOW,HIGH"),
     ("hparams.py", ["--methods", "moelora,adapter"], "unknown method(s) ['adapter']"),
+    ("task_order.py", ["--methods", "lora,sgd+replay"], "unknown method(s) ['sgd+replay']"),
+    ("task_order.py", ["--methods", "lora,olora", "--set", "train.weight_decay=0.1"], "set train.weight_decay 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, script, args, message):
     (tmp_path / "bad.yaml").write_text("tuner:\n  rank: 16\n  alpha: [32\n")
@@ -196,3 +198,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, script, args, message):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert list(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # nothing written, nothing started
+
+
+def test_methods_cross_the_order_design():
+    *_, methods = _plan("--smoke-test", "--methods", "lora,olora,ewc+replay")
+    assert methods == ["lora", "olora", "ewc+replay"]
+    with pytest.raises(cli.UsageError, match="--design optuna searches orders of one method"):
+        _plan("--design", "optuna", "4", "--methods", "lora,olora")

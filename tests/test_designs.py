@@ -103,3 +103,23 @@ def test_analysis_separates_order_from_seed_noise():
     # carry-over: ScienceQA right before TextVQA drops ScienceQA by 0.2 on average (1 - 0.8/0.82)
     assert math.isclose(res.carry_over.loc["ScienceQA", "TextVQA"], 1 - 0.81)
     assert math.isclose(res.position.loc["ScienceQA", "pos1"], 0.81)
+
+
+def test_method_spread_separates_orders_from_seeds():
+    from coin_ray.studies.analysis import METHOD_COLUMNS, analyse_methods
+
+    a, b = ("ScienceQA", "TextVQA"), ("TextVQA", "ScienceQA")
+    trials = [{**_trial(a, 0, 0.8), "method": "lora"}, {**_trial(a, 1, 0.6), "method": "lora"},
+              {**_trial(b, 0, 0.2), "method": "lora"}, {**_trial(b, 1, 0.4), "method": "lora"},
+              {**_trial(a, 0, 0.5), "method": "olora"}, {**_trial(b, 0, 0.5), "method": "olora"}]
+    spread = analyse_methods(trials)
+    table = spread.table.set_index("method")
+    assert tuple(spread.table.columns) == METHOD_COLUMNS
+    # lora: per-order mfn means 0.85 and 0.65 (sd 0.1414); seeds 0.05 either side of them (SS 0.01 on 2 df)
+    lora = table.loc["lora"]
+    assert lora["trials"] == 4 and math.isclose(lora["mean"], 0.75)
+    assert math.isclose(lora["sd_orders"], math.sqrt(0.02)) and math.isclose(lora["sd_seeds"], math.sqrt(0.005))
+    assert math.isclose(lora["min"], 0.65) and math.isclose(lora["max"], 0.85)
+    olora = table.loc["olora"]
+    assert olora["sd_orders"] == 0 and math.isnan(olora["sd_seeds"]) and "cannot be separated" in spread.verdicts["olora"]
+    assert len(spread.per_order) == 4

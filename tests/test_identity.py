@@ -121,3 +121,21 @@ def test_knowledge_metrics_only_where_every_needed_cell_was_judged():
     assert _judge_failed({"knowledge": None, "knowledge_error": "down"})
     assert _judge_failed({"knowledge": 0.5, "knowledge_failures": 2})  # stored by an older version
     assert not _judge_failed({"knowledge": 0.5, "knowledge_failures": 0})
+
+
+def test_a_method_in_the_space_names_the_trial_and_keys_its_stages():
+    from coin_ray.studies.runner import trial_config
+    from coin_ray.training.stages import stage_material
+
+    base = _cfg().to_dict()
+    trial = {"order": "TextVQA>ScienceQA>ImageNet", "seed": 0}
+    olora = trial_config(base, {**trial, "method": "olora"}, "d")
+    ewc = trial_config(base, {**trial, "method": "ewc+replay"}, "d")
+    assert "-olora-" in olora.name and (olora.tuner.method, olora.cl.method) == ("lora", "olora")
+    assert (ewc.cl.method, ewc.train.replay_per_task) == ("ewc", 20) and "-ewc+replay-" in ewc.name
+    lora = trial_config(base, {**trial, "method": "lora"}, "d")
+    keys = {stage_material(c, "d", ("TextVQA",))["tuner.method"] for c in (olora, lora)}
+    assert keys == {"lora"}  # same tuner: the cl method and its options tell the stages apart
+    material = stage_material(olora, "d", ("TextVQA",))
+    assert material["cl.method"] == "olora" and material["olora.tasks"] == 3 and "cl.method" not in stage_material(
+        lora, "d", ("TextVQA",))

@@ -23,6 +23,7 @@ __all__ = [
     "matrices_figure",
     "matrix_figure",
     "matrix_heatmap",
+    "spread_figure",
     "summary_figure",
     "table_heatmap",
 ]
@@ -144,6 +145,22 @@ def table_heatmap(table: "pd.DataFrame", title: str, cmap: str = "viridis") -> "
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < mean else "black", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
+    return fig
+
+
+def spread_figure(per_order: "pd.DataFrame", metric: str, title: str = "") -> "Figure":
+    """Each method's spread across orders: one column per method, a dot per order (its mean over seeds) and a
+    line from the lowest to the highest. `per_order` has columns method, order, value."""
+    methods = list(dict.fromkeys(per_order["method"]))
+    fig = _figure(1.8 + 0.9 * len(methods), 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, method in enumerate(methods):
+        values = per_order.loc[per_order["method"] == method, "value"].astype(float)
+        ax.vlines(i, values.min(), values.max(), color="0.6", linewidth=2)
+        ax.scatter([i] * len(values), values, s=18, zorder=3)
+    ax.set_xticks(range(len(methods)), labels=[str(m) for m in methods], rotation=30, ha="right")
+    ax.set_ylabel(f"{metric} (mean over seeds, one dot per order)")
+    ax.set_title(title or f"{metric} across task orders, per method", fontsize=9)
     return fig
 
 

@@ -117,6 +117,44 @@ def analyse_orders(trials: Sequence[dict[str, Any]], metric: str = "mfn", alpha:
                          carry_over=carry, carry_over_gain=gain, notes=notes)
 
 
+METHOD_COLUMNS = ("method", "trials", "mean", "sd_orders", "sd_seeds", "min", "max")
+
+
+@dataclass
+class MethodSpread:
+    table: pd.DataFrame  # METHOD_COLUMNS, one row per method
+    verdicts: dict[str, str]  # method -> its order ANOVA's verdict
+    per_order: pd.DataFrame  # method, order, value (the mean over seeds): what the spread plot shows
+
+
+def analyse_methods(trials: Sequence[dict[str, Any]], metric: str = "mfn", alpha: float = 0.05) -> MethodSpread:
+    """Order robustness per method: over each method's trials, the mean of `metric`; sd_orders, the standard
+    deviation (ddof 1) of the per-order means over seeds (the spread across orders); sd_seeds, the pooled
+    standard deviation of the seeds within an order (sqrt of the ANOVA's within mean square; NaN with one seed
+    per order); min and max of the per-order means; and the one-way ANOVA verdict with the order as factor."""
+    trials = distinct_runs(trials)
+    df = pd.DataFrame([{"method": t.get("method", ""), "order": ">".join(t["order"]), "seed": t.get("seed", 0),
+                        "value": t["metrics"].get(metric)} for t in trials]).dropna(subset=["value"])
+    rows, verdicts, per_order = [], {}, []
+    for method, group in df.groupby("method", sort=True):
+        means = group.groupby("order")["value"].mean()
+        variance = _anova(group.assign(config=group["order"]), alpha, factor="order")
+        verdicts[str(method)] = variance["verdict"]
+        rows.append({"method": method, "trials": len(group), "mean": group["value"].mean(),
+                     "sd_orders": means.std(ddof=1) if len(means) > 1 else np.nan,
+                     "sd_seeds": variance.get("seed_std", np.nan), "min": means.min(), "max": means.max()})
+        per_order += [{"method": method, "order": o, "value": v} for o, v in means.items()]
+    return MethodSpread(table=pd.DataFrame(rows, columns=list(METHOD_COLUMNS)), verdicts=verdicts,
+                        per_order=pd.DataFrame(per_order, columns=["method", "order", "value"]))
+
+
+def format_methods(spread: MethodSpread, metric: str = "mfn") -> str:
+    fmt = lambda x: f"{x:.3f}"  # noqa: E731
+    return "\n".join([f"Order robustness per method ({metric}; sd_orders: spread of the per-order means, sd_seeds: "
+                      "seed noise within an order):", spread.table.to_string(index=False, float_format=fmt),
+                      *[f"  {m}: {v}" for m, v in spread.verdicts.items()]])
+
+
 def _anova(df: pd.DataFrame, alpha: float, factor: str = "order") -> dict[str, Any]:
     """One-way ANOVA of df["value"] with df["config"] as the factor (its levels are called `factor`s)."""
     groups = [g["value"].to_numpy(float) for _, g in df.groupby("config")]

@@ -167,6 +167,19 @@ def build_base_config(args: argparse.Namespace, *, default_experiment: str) -> E
     return cfg
 
 
+def check_methods(text: str, cfg: ExperimentConfig) -> list[str]:
+    """The names of a `--methods` flag, each checked as the config it makes of `cfg` (coin_ray.methods)."""
+    from coin_ray.methods import method_changes, parse_methods
+
+    try:
+        names = parse_methods(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for name in names:  # e.g. olora with train.weight_decay > 0: the config error names the fix
+        cfg.replace(**method_changes(name, cfg.train.replay_per_task))
+    return names
+
+
 def check_storage(path: str) -> None:
     """The storage path must be a folder this process can write (created when missing)."""
     if "://" in path:  # never made into a local folder named "s3:"

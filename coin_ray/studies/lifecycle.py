@@ -12,11 +12,12 @@ from coin_ray.config import ExperimentConfig
 from coin_ray.training.types import PreparedData
 from coin_ray.redact import redact_text
 from coin_ray.studies import cli
-from coin_ray.studies.analysis import analyse_orders, format_analysis, order_skip_reason
+from coin_ray.studies.analysis import (analyse_methods, analyse_orders, format_analysis, format_methods,
+                                      order_skip_reason)
 from coin_ray.studies.hparam_analysis import (NoFinishedTrials, analyse_hparams, describe_space, format_hparams,
                                               hparam_figures, hparam_tables, lower_is_better)
 from coin_ray.studies.runner import SweepOutcome, SweepSpec, trials_table
-from tracking.plots import table_heatmap
+from tracking.plots import spread_figure, table_heatmap
 
 
 def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -105,6 +106,10 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
         for key in ("eta_squared", "p_value", "F", "seed_std"):
             if key in analysis.variance:
                 metrics[f"order_{key}"] = analysis.variance[key]
+        methods = analyse_methods(finished, metric=metric)
+        summaries.append(format_methods(methods, metric))
+        tables["methods"] = methods.table.set_index("method")
+        figures["methods"] = spread_figure(methods.per_order, metric)
     for text in summaries:
         print("\n" + text)
     print(f"\nstages trained: {outcome.stages_trained}, stages reused from the stage store: {outcome.stages_reused}")

@@ -21,9 +21,13 @@ from coin_ray.training.types import PreparedData
 
 
 
-def trial_name(order: Sequence[str], seed: int, hparams: dict[str, Any] | None = None, config_hash: str = "") -> str:
-    """Deterministic trial / MLflow run name: "<A>B>C>-s<seed>[-<hp=v,...>][-<config hash, 6 digits>]"."""
+def trial_name(order: Sequence[str], seed: int, hparams: dict[str, Any] | None = None, config_hash: str = "",
+               method: str | None = None) -> str:
+    """Deterministic trial / MLflow run name:
+    "<A>B>C>-s<seed>[-<method>][-<hp=v,...>][-<config hash, 6 digits>]"."""
     name = f"{'>'.join(order)}-s{seed}"
+    if method:
+        name += f"-{method}"
     if hparams:
         name += "-" + ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(hparams.items()))
     if config_hash:
@@ -44,7 +48,8 @@ def trial_config(base: dict[str, Any], config: dict[str, Any], data_hash: str = 
     cfg = ExperimentConfig.from_dict(base)
     choice = decode(config, cfg)
     cfg = cfg.replace(order=list(choice.order), **{"train.seed": choice.seed}, **choice.changes)
-    return cfg.replace(name=trial_name(choice.order, choice.seed, choice.hparams, config_hash(cfg.flatten(), data_hash)))
+    return cfg.replace(name=trial_name(choice.order, choice.seed, choice.hparams, config_hash(cfg.flatten(), data_hash),
+                                       method=choice.method))
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,7 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
     from ray.tune import RunConfig, TuneConfig, Tuner
 
     from coin_ray.identity import run_key
+    from coin_ray.methods import method_label
     from coin_ray.training.continual import NoRunResult, load_run_result
 
     cfg = spec.base
@@ -190,7 +196,7 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
     for res in grid:
         tcfg = trial_config(cfg.to_dict(), res.config, data_hash)
         row: dict[str, Any] = {"name": tcfg.name, "order": tcfg.order, "seed": tcfg.train.seed,
-                               "method": tcfg.tuner.method, "num_experts": tcfg.tuner.num_experts,
+                               "method": method_label(tcfg), "num_experts": tcfg.tuner.num_experts,
                                "rank": tcfg.tuner.rank, "alpha": tcfg.tuner.alpha, "lr": tcfg.train.lr,
                                "run_key": run_key(tcfg.name, tcfg.flatten(), data_hash),
                                "sampled": sampled_params(res.config), "n_stages": len(tcfg.order),

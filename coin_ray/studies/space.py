@@ -6,6 +6,8 @@ helpers, and the runner decodes a trial's sampled values with `decode` - nowhere
   cannot sample permutations, searches orders);
 - `seed`: the replicate (train.seed);
 - `hp.<section.field>`: a searched config field, e.g. `hp.tuner.rank`;
+- `method`: a continual-learning method by its `--methods` name (`lora`, `olora`, `ewc+replay`, ...), which
+  sets the tuner, cl.method and replay (`coin_ray.methods.method_changes`);
 - `alpha_per_rank`: alpha = this x rank for every trial (CoIN's ratio is 2), so rank is not confounded with
   the adapter scale.
 """
@@ -21,6 +23,7 @@ SEED_KEY = "seed"
 HP_PREFIX = "hp."
 RANDOM_KEY_PREFIX = "key."
 ALPHA_PER_RANK_KEY = "alpha_per_rank"
+METHOD_KEY = "method"
 
 
 def hp(name: str) -> str:
@@ -40,6 +43,7 @@ class TrialChoice:
     order: tuple[str, ...]
     seed: int
     hparams: dict[str, Any] = field(default_factory=dict)  # searched fields (dotted) as the trial trains them
+    method: str | None = None  # the `--methods` name the space chose (None: the base config's method)
     changes: dict[str, Any] = field(default_factory=dict)  # every config change: hparams plus derived fields
 
 
@@ -57,13 +61,19 @@ def decode(config: Mapping[str, Any], cfg: ExperimentConfig) -> TrialChoice:
         order = tuple(cfg.order)
     seed = int(config.get(SEED_KEY, cfg.train.seed))
     hparams = {k[len(HP_PREFIX):]: v for k, v in config.items() if k.startswith(HP_PREFIX)}
+    method = str(config[METHOD_KEY]) if METHOD_KEY in config else None
+    changes: dict[str, Any] = {}
+    if method is not None:
+        from coin_ray.methods import method_changes
+
+        changes.update(method_changes(method, cfg.train.replay_per_task))
     # a MoELoRA rank must be divisible by the expert count (rank is the total rank r): a sampled pair takes the
     # next multiple (coin_ray.config.divisible_rank), and the trial's name says the rank it trains with
-    method = hparams.get("tuner.method", cfg.tuner.method)
-    if method == "moelora" and ("tuner.num_experts" in hparams or "tuner.rank" in hparams):
+    tuner = hparams.get("tuner.method", changes.get("tuner.method", cfg.tuner.method))
+    if tuner == "moelora" and ("tuner.num_experts" in hparams or "tuner.rank" in hparams):
         experts = int(hparams.get("tuner.num_experts", cfg.tuner.num_experts))
         hparams["tuner.rank"] = divisible_rank(int(hparams.get("tuner.rank", cfg.tuner.rank)), experts)
-    changes = dict(hparams)
+    changes.update(hparams)
     if ALPHA_PER_RANK_KEY in config and "tuner.alpha" not in hparams:
         changes["tuner.alpha"] = float(config[ALPHA_PER_RANK_KEY]) * int(hparams.get("tuner.rank", cfg.tuner.rank))
-    return TrialChoice(order=order, seed=seed, hparams=hparams, changes=changes)
+    return TrialChoice(order=order, seed=seed, hparams=hparams, changes=changes, method=method)
