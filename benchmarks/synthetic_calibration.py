@@ -2,7 +2,7 @@
 the task order matter more than the seed? The embedded default and the smoke preset (configs/default.yaml,
 configs/smoke.yaml) are tuned with it.
 
-For each tuning method (LoRA, MoELoRA) on the tiny model with a preset's budgets it
+For each method (LoRA, MoELoRA, or a continual-learning method: olora, ewc, lwf) on the tiny model with a preset's budgets it
   1. trains each task alone and prints its accuracy next to chance level (the expected score of a uniform
      guess among the task's train answers) and the best constant answer ("majority"),
   2. runs every order of the tasks (all permutations, or the first N) with each seed and prints the
@@ -86,13 +86,14 @@ def calibrate(method: str, preset: str, tasks: Sequence[str], seeds: int, n_orde
     """Single-task runs + every order x seed for one method; prints as it goes, returns the summary."""
     from coin_ray.config import ExperimentConfig
     from coin_ray.config import preset as preset_layer
+    from coin_ray.methods import method_changes
     from coin_ray.training import prepare_data, run_continual
 
     # the embedded default (the dataclass defaults) or the smoke preset over it; no judge: the calibration
     # targets are about the instruction matrix
     layer = preset_layer("smoke") if preset == "smoke" else {}
     raw = {**layer, "eval.judge": "none", "order": list(tasks), "storage_path": str(storage), "scaling.num_workers": 0,
-           "tuner.method": method, "use_stage_cache": use_stage_cache, "name": f"calib-{method}", **overrides}
+           **method_changes(method), "use_stage_cache": use_stage_cache, "name": f"calib-{method}", **overrides}
     cfg = ExperimentConfig.from_dict(raw)
     started = time.perf_counter()
     prepared = prepare_data(cfg)
@@ -162,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="smoke preset, MoELoRA only, 1 seed, all 6 orders (the sweep's --smoke-test study)")
     p.add_argument("--preset", choices=("default", "smoke"), help="budgets (default: default; smoke with --smoke-test)")
     p.add_argument("--tasks", default="ScienceQA,TextVQA,ImageNet", help="comma-separated tasks (2-4)")
-    p.add_argument("--methods", help="comma-separated tuner methods (default lora,moelora; smoke: moelora)")
+    p.add_argument("--methods", help="comma-separated methods, as sweeps/task_order.py --methods names them: lora, "
+                                     "moelora, full, olora, ewc, lwf, each optionally +replay (default "
+                                     "lora,moelora; smoke: moelora)")
     p.add_argument("--seeds", type=int, help="replicates per order (default 2; smoke: 1)")
     p.add_argument("--orders", type=int, help="first N permutations only (default: all)")
     p.add_argument("--storage-path", default="runs/calibration",
