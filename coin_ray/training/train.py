@@ -17,6 +17,27 @@ class NonFiniteError(RuntimeError):
     """A NaN/inf loss, gradient norm or trained weight: the stage stops and nothing of it is saved."""
 
 
+def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
+                   max_grad_norm: float, scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimizer step after the gradients are accumulated: clip to `max_grad_norm` (0 = measure only),
+    step the optimizer and the schedule, zero the gradients; returns the gradient norm. Without a scaler a
+    non-finite norm steps nothing (the caller stops); with one, the scaler skips that step itself. Shared by
+    the stage loop and the synthetic base's pretraining."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf))
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
+    elif not math.isfinite(norm):
+        return norm
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int, float]], dict[str, Any]]:
     """Train the stage ending `prefix`; returns (step, loss) pairs and the final optimizer/scheduler state
     (kept in the stage checkpoint)."""
@@ -78,19 +99,9 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
             micro += 1
             if micro % t.grad_accum:
                 continue
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            # max_norm inf measures without clipping: the norm is checked in every case
-            norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf))
-            if scaler is not None:
-                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-                scaler.update()
-            elif not math.isfinite(norm):
+            norm = optimizer_step(params, optimizer, scheduler, t.max_grad_norm, scaler)
+            if scaler is None and not math.isfinite(norm):
                 raise non_finite("gradient norm", norm)
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append((step, running))
             running = 0.0
