@@ -200,7 +200,7 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
     _train_env_defaults()
     import ray.train
     from ray.data import ExecutionOptions
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     s = cfg.scaling
@@ -211,7 +211,10 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.name, storage_path=str(Path(cfg.storage_path).resolve() / "ray_train"),
                              failure_config=FailureConfig(max_failures=s.max_failures),
-                             callbacks=train_callbacks or None),
+                             callbacks=train_callbacks or None,
+                             # the controller's and workers' ray.train logs (resource requests, worker group
+                             # starts) at warning level unless verbose
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
         datasets=datasets,
         # one worker needs no split: iterating in the worker itself saves a SplitCoordinator actor (a new
         # Python process, ~3 s on 2 cores) per stage dataset; several workers get equal streaming splits
