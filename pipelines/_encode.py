@@ -1,7 +1,8 @@
-"""The image-bound stage of the pipeline: decode images and encode rows, one processor per Ray actor.
+"""The image-bound stage of the pipeline: decode images and encode rows, one processor per Ray worker process.
 
-`Encoder` is the callable class given to `Dataset.map_batches`; it turns validated work items (see
-_records.py) into the stored row schema. Images that fail to decode are not rows: they go to a
+`encode_batch` is the function given to `Dataset.map_batches` (Ray tasks, fused with the Parquet write); it
+keeps one `Encoder` per worker process, which turns validated work items (see _records.py, as Arrow tables
+of `ITEM_SCHEMA`) into the stored row schema. Images that fail to decode are not rows: they go to a
 `RejectionSink` actor, which the driver drains into OUT/rejected.jsonl once the write finishes. An image above
 `max_image_pixels` is refused from its header, before its pixels are decoded (`image_too_large`); PIL's own
 decompression-bomb limit (Image.MAX_IMAGE_PIXELS) stays in force and counts as `image_too_large` too.
@@ -23,6 +24,12 @@ from pipelines._records import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TOO_LARGE, TRUNCA
 PARTITION_COLUMNS = ["_dir_task", "_dir_split"]
 TRAIN_COLUMNS = ["id", "task", "index", "input_ids", "labels", "pixel_values", "question", "answer"]
 TEST_COLUMNS = ["question_id", "task", "index", "input_ids", "pixel_values", "question", "reference", "size"]
+# A validated work item (`validate_records`), as the validation tasks hand it to the encoding stage.
+ITEM_SCHEMA = pa.schema([
+    ("task", pa.string()), ("split", pa.string()), ("index", pa.int64()), ("id", pa.string()),
+    ("question", pa.string()), ("answer", pa.string()), ("reference", pa.string()), ("size", pa.list_(pa.int64())),
+    ("image", pa.string()), ("hf_image", pa.string()),
+])
 
 
 def load_processor(model_source: str, model_kwargs: dict[str, Any]) -> Any:
@@ -40,7 +47,7 @@ def load_processor(model_source: str, model_kwargs: dict[str, Any]) -> Any:
 
 @ray.remote(num_cpus=0)
 class RejectionSink:
-    """Collects rejections from every encoder actor; keyed by record so a retried batch is counted once."""
+    """Collects rejections from every encoding task; keyed by record so a retried batch is counted once."""
 
     def __init__(self) -> None:
         self._rows: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -95,9 +102,9 @@ class _HFImages:
 
 
 class Encoder:
-    """map_batches callable: work items (pyarrow batch) -> stored rows (pyarrow table)."""
+    """Work items (pyarrow batch) -> stored rows (pyarrow table) + rejections, with one processor."""
 
-    def __init__(self, model_source: str, model_kwargs: dict[str, Any], max_length: int, sink: Any = None,
+    def __init__(self, model_source: str, model_kwargs: dict[str, Any], max_length: int,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         from PIL import Image
 
@@ -107,7 +114,6 @@ class Encoder:
         self.processor = load_processor(model_source, model_kwargs)
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels
-        self.sink = sink
         self._hf = _HFImages()
         probe = models.encode_prompt_batch(self.processor, ["probe"], [Image.new("RGB", (8, 8))])
         self._pixel_shape = tuple(np.asarray(probe["pixel_values"][0]).shape)  # for all-rejected batches
@@ -116,14 +122,8 @@ class Encoder:
         return _decode(self._hf.get(json.loads(item["hf_image"])) if item["hf_image"] else item["image"],
                        self.max_image_pixels)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        table, rejected = self.encode(batch)
-        if rejected:
-            ray.get(self.sink.add.remote(rejected))
-        return table
-
     def encode(self, batch: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]:
-        """(stored rows, rejections) of one batch of work items; the actor-free core of `__call__`."""
+        """(stored rows, rejections) of one batch of work items (no Ray needed)."""
         items = batch.to_pylist()
         rejected: list[dict[str, Any]] = []
         images: dict[int, Any] = {}
@@ -164,6 +164,27 @@ class Encoder:
                                  reference=items[i]["reference"], size=items[i]["size"]))
                 pixels.append(enc["pixel_values"][k])
         return _to_table(rows, pixels, self._pixel_shape), rejected
+
+
+_WORKER_ENCODER: dict[str, Encoder] = {}  # this worker process's Encoder, keyed by its settings
+
+
+def encode_batch(batch: pa.Table, *, model_source: str, model_kwargs: dict[str, Any], max_length: int,
+                 max_image_pixels: int, sink: Any) -> pa.Table:
+    """map_batches function: one batch of work items -> stored rows; rejections go to `sink`.
+
+    The Encoder (processor, tokenizer) is built once per worker process and reused by every later task
+    there, so a run pays that start-up once per core, not once per task."""
+    key = json.dumps([model_source, model_kwargs, max_length, max_image_pixels], sort_keys=True)
+    encoder = _WORKER_ENCODER.get(key)
+    if encoder is None:
+        _WORKER_ENCODER.clear()
+        encoder = _WORKER_ENCODER[key] = Encoder(model_source, model_kwargs, max_length,
+                                                 max_image_pixels=max_image_pixels)
+    table, rejected = encoder.encode(batch)
+    if rejected:
+        ray.get(sink.add.remote(rejected))
+    return table
 
 
 def _rejection(item: dict[str, Any], kind: str, reason: str) -> dict[str, Any]:
