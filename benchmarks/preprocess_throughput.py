@@ -9,7 +9,9 @@ end with Parquet on disk (pyarrow defaults on both sides, one file per block of 
 (`validate_records`: the loop in this process, the pipeline in Ray tasks) and build the processor. The
 pipeline's time also includes its worker processes importing torch and transformers, a fixed cost that
 longer runs amortise; it excludes `ray.init` (a cluster is already running in use). The process pins
-itself (and so Ray) to --num-cpus cores, so a bigger machine measures the same budget. Prints one JSON
+itself (and so Ray) to --num-cpus cores, so a bigger machine measures the same budget, and runs Ray's
+workers at its own CPU priority (Ray renices them to 15 by default, which on a machine shared with other
+work would starve the pipeline side only; a dedicated cluster node is unaffected). Prints one JSON
 line: rows/s of each side, their ratio, and Parquet bytes per row of each side.
 """
 from __future__ import annotations
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline_rows = plain_loop(instr, images, root / "baseline", model_kwargs, max_length, args.batch_size)
         baseline_s = time.perf_counter() - t0
 
+        os.environ["RAY_worker_niceness"] = str(os.nice(0))  # the loop's priority (see the module docstring)
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         try:
             from ray.data import DataContext

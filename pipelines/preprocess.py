@@ -34,7 +34,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ray
 
-from coin_ray.errors import UserError
 from pipelines import _hf
 from pipelines._encode import PARTITION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS, RejectionSink, encode_batch
 from pipelines._hashing import ContentHasher
@@ -283,7 +282,7 @@ class _RayValidator:
         for w in range(0, len(starts), max(1, wave)):
             refs = [_validate_chunk.remote(task, split, source, to_portable(records[i:i + size]), image_root, i)
                     for i in starts[w:w + wave]]
-            metas += _get([meta for meta, _ in refs])
+            metas += ray.get([meta for meta, _ in refs])
             blocks += [block for _, block in refs]
             if max_rows is not None and sum(m.count for m in metas) >= max_rows:
                 break
@@ -291,16 +290,6 @@ class _RayValidator:
         merged.blocks = [block if n == meta.count else _head.remote(block, n)
                          for block, meta, n in zip(blocks, metas, keep) if n]
         return merged
-
-
-def _get(refs: list[Any]) -> list[Any]:
-    """ray.get, re-raising a task's UserError as itself (one line) rather than wrapped with its traceback."""
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, UserError):
-            raise e.cause from None
-        raise
 
 
 @ray.remote(num_returns=2)
