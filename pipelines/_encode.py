@@ -167,6 +167,22 @@ class Encoder:
 
 
 _WORKER_ENCODER: dict[str, Encoder] = {}  # this worker process's Encoder, keyed by its settings
+_PREFETCH: list[Any] = []  # the thread started by `prefetch_imports` in this process, if any
+
+
+def prefetch_imports() -> None:
+    """Start importing the encoder's libraries (torch, transformers: seconds) in a background thread of this
+    worker process, once, so the encoding tasks that follow in the same process find them imported (an import
+    in progress makes theirs wait, by Python's import lock). `preprocess` sends one such task per CPU as it
+    starts, to overlap the imports with reading and validating the records."""
+    if not _PREFETCH:
+        import threading
+
+        def load() -> None:
+            import coin_ray.models  # noqa: F401
+
+        _PREFETCH.append(threading.Thread(target=load, name="prefetch-imports", daemon=True))
+        _PREFETCH[0].start()
 
 
 def encode_batch(batch: pa.Table, *, model_source: str, model_kwargs: dict[str, Any], max_length: int,

@@ -35,7 +35,8 @@ from typing import Any, Callable, Mapping, Sequence
 import ray
 
 from pipelines import _hf
-from pipelines._encode import PARTITION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS, RejectionSink, encode_batch
+from pipelines._encode import (PARTITION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS, RejectionSink, encode_batch,
+                              prefetch_imports)
 from pipelines._hashing import ContentHasher
 from pipelines._records import (DEFAULT_MAX_IMAGE_PIXELS, PipelineInputError, Rejection, SplitRecords,
                                 from_portable, merge_chunks, read_json_list, split_files, to_portable,
@@ -157,6 +158,8 @@ def preprocess(
         ray.init(include_dashboard=False, log_to_driver=False)
     try:
         cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        for _ in range(cpus):  # one per worker process, most likely (each holds a CPU for a moment)
+            _prefetch.remote()
         p = plan(instructions, images, tasks, model_source=model_source, model_kwargs=model_kwargs,
                  max_length=max_length, max_rows=max_rows, hf_datasets=hf_datasets,
                  max_image_pixels=max_image_pixels, _validate=_RayValidator(cpus))
@@ -305,6 +308,11 @@ def _validate_chunk(task: str, split: str, source: str, portable: list[Any], ima
     table = pa.Table.from_pylist(checked.items, schema=ITEM_SCHEMA)
     checked.items = []
     return checked, table
+
+
+@ray.remote
+def _prefetch() -> None:
+    prefetch_imports()
 
 
 @ray.remote
