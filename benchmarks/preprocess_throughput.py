@@ -4,7 +4,7 @@
 
 Both sides start from the same CoIN-format data (photo-like JPEGs of --source-size, decoded, padded to a
 square, resized to the model's --image-size, normalised, tokenised with 576 image tokens at 336 px) and
-end with Parquet on disk (pyarrow defaults on both sides, one file per block of at most
+end with Parquet on disk (both through `encode_block`: one file per block of at most
 `pipelines.preprocess.CHUNK_ROWS` rows); both run the same record validation and content hash
 (`validate_records`: the loop in this process, the pipeline in Ray tasks) and build the processor. The
 pipeline's time also includes its worker processes importing torch and transformers, a fixed cost that
@@ -51,28 +51,21 @@ def make_data(root: Path, rows: int, source_size: tuple[int, int], seed: int = 0
 
 
 def plain_loop(instr: Path, images: Path, out: Path, model_kwargs: dict, max_length: int, batch_size: int) -> int:
-    """The same work in one process: validate and hash (`plan`), decode + encode batch by batch (the pipeline's
-    own Encoder core, no Ray), write a Parquet file per block of CHUNK_ROWS rows."""
+    """The same work in one process: validate and hash (`plan`), then the pipeline's own per-block work
+    (`encode_block`: decode + encode batch by batch, one Parquet file per block of CHUNK_ROWS items), no Ray."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from pipelines import plan
-    from pipelines._encode import ITEM_SCHEMA, PARTITION_COLUMNS, Encoder
+    from pipelines._encode import ITEM_SCHEMA, Encoder, encode_block
     from pipelines.preprocess import CHUNK_ROWS
 
     p = plan(instr, images, ["VQAv2"], model_kwargs=model_kwargs, max_length=max_length)
     encoder = Encoder("tiny", model_kwargs, max_length)
     kept = 0
     for split in p.splits:
-        folder = out / split.task / split.split
-        folder.mkdir(parents=True, exist_ok=True)
-        for part, start in enumerate(range(0, len(split.items), CHUNK_ROWS)):
-            block = split.items[start:start + CHUNK_ROWS]
-            tables = [encoder.encode(pa.Table.from_pylist(block[b:b + batch_size], schema=ITEM_SCHEMA))[0]
-                      for b in range(0, len(block), batch_size)]
-            table = pa.concat_tables(tables).drop_columns(PARTITION_COLUMNS)
-            pq.write_table(table, folder / f"part-{part}.parquet")
-            kept += table.num_rows
+        for start in range(0, len(split.items), CHUNK_ROWS):
+            block = pa.Table.from_pylist(split.items[start:start + CHUNK_ROWS], schema=ITEM_SCHEMA)
+            kept += sum(s["rows"] for s in encode_block(encoder, block, out, batch_size))
     return kept
 
 

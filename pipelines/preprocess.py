@@ -17,7 +17,7 @@ The driver parses the JSON listings; Ray tasks validate chunks of records (field
 keeping the accepted items in the object store and sending the driver only verdicts and image fingerprints
 (for the content hash). A rerun whose inputs and config hash to the manifest's `content_hash` returns the
 existing manifest; otherwise Ray Data decodes and encodes the items in tasks, each worker process building
-the processor once, and writes Parquet from the same task (encoded pixels never cross the object store). The
+the processor once, and each task writes its block's Parquet file (encoded pixels never cross the object store). The
 run is written to a temp folder beside OUT and renamed into place, so OUT is never half-written.
 """
 from __future__ import annotations
@@ -35,8 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ray
 
 from pipelines import _hf
-from pipelines._encode import (PARTITION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS, RejectionSink, encode_batch,
-                              prefetch_imports)
+from pipelines._encode import TEST_COLUMNS, TRAIN_COLUMNS, encode_blocks, prefetch_imports
 from pipelines._hashing import ContentHasher
 from pipelines._records import (DEFAULT_MAX_IMAGE_PIXELS, PipelineInputError, Rejection, SplitRecords,
                                 from_portable, merge_chunks, read_json_list, split_files, to_portable,
@@ -152,17 +151,11 @@ def preprocess(
         raise PipelineInputError("; ".join(problems))
     out = Path(out).expanduser().resolve()
     _check_out_is_ours(out)
-    _check_args(tasks, max_length, max_rows, max_image_pixels)  # bad arguments fail before Ray starts
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(include_dashboard=False, log_to_driver=False)
+    validator = _RayValidator()  # starts Ray (if none is running) once the inputs are read without error
     try:
-        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-        for _ in range(cpus):  # one per worker process, most likely (each holds a CPU for a moment)
-            _prefetch.remote()
         p = plan(instructions, images, tasks, model_source=model_source, model_kwargs=model_kwargs,
                  max_length=max_length, max_rows=max_rows, hf_datasets=hf_datasets,
-                 max_image_pixels=max_image_pixels, _validate=_RayValidator(cpus))
+                 max_image_pixels=max_image_pixels, _validate=validator)
 
         manifest_path = out / "manifest.json"
         if not force and manifest_path.is_file():
@@ -176,10 +169,9 @@ def preprocess(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         encoder_rejections = _encode(p.splits, tmp, model_source, p.config["model_kwargs"], max_length, batch_size,
-                                     num_actors or cpus, max_image_pixels)
+                                     num_actors or validator.cpus or 1, max_image_pixels)
     finally:
-        if own_ray:
-            ray.shutdown()
+        validator.close()
     rejections = [r.to_json() for s in p.splits for r in s.rejections] + encoder_rejections
     rejections.sort(key=lambda r: (p.tasks.index(r["task"]), SPLITS.index(r["split"]), r["index"]))
     with open(tmp / "rejected.jsonl", "w") as f:
@@ -245,7 +237,7 @@ def _read_tasks(task_names: list[str], instructions: str | Path | None, image_ro
                 validate: Callable[..., SplitRecords] = validate_records) -> list[SplitRecords]:
     from coin_ray.tasks import get_task
 
-    out: list[SplitRecords] = []
+    sources: list[tuple[str, str, str, Any, Any]] = []  # every file is read (and may fail) before any validation
     for task in task_names:
         reference = get_task(task).reference_from_record
         if task in hf_datasets:
@@ -253,13 +245,15 @@ def _read_tasks(task_names: list[str], instructions: str | Path | None, image_ro
             path = source.path.expanduser().resolve()
             hasher.add_tree(f"hf/{task}", path)
             for split, (hf_split, ds) in _hf.load_splits(path).items():
-                records = _hf.records(path, hf_split, ds, split, source.columns)
-                out.append(validate(task, split, f"{path}[{hf_split}]", records, image_root, reference, max_rows))
+                records = list(_hf.records(path, hf_split, ds, split, source.columns))
+                sources.append((task, split, f"{path}[{hf_split}]", records, reference))
         else:
             for split, path in split_files(Path(instructions).expanduser(), task).items():
                 records, raw = read_json_list(path)
                 hasher.add(f"json/{task}/{split}", raw)
-                out.append(validate(task, split, str(path), records, image_root, reference, max_rows))
+                sources.append((task, split, str(path), records, reference))
+    out = [validate(task, split, source, records, image_root, reference, max_rows)
+           for task, split, source, records, reference in sources]
     for s in out:
         hasher.add_fingerprints(f"images/{s.task}/{s.split}", s.fingerprint)
     return out
@@ -269,14 +263,31 @@ class _RayValidator:
     """`validate_records` over chunks of a split in Ray tasks, which keep the accepted items in the object store.
 
     The driver gets back only each chunk's verdicts (rejections, accepted indices, image fingerprints); with
-    max_rows, chunks go out a wave at a time and stop once enough records are accepted."""
+    max_rows, chunks go out a wave at a time and stop once enough records are accepted. The first call
+    starts a local Ray if none is running (`close` stops it) and has every worker process start importing
+    the encoder's libraries, which overlaps with validation and with Ray Data's own start."""
 
-    def __init__(self, cpus: int) -> None:
-        self.cpus = cpus
+    def __init__(self) -> None:
+        self.cpus = 0
+        self._own_ray = False
 
-    def __call__(self, task: str, split: str, source: str, records: Any, image_root: Path, reference: Any,
+    def _start(self) -> None:
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+            self._own_ray = True
+        self.cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        for _ in range(self.cpus):  # one per worker process, most likely (each holds a CPU for a moment)
+            _prefetch.remote()
+
+    def close(self) -> None:
+        if self._own_ray:
+            ray.shutdown()
+            self._own_ray = False
+
+    def __call__(self, task: str, split: str, source: str, records: list[Any], image_root: Path, reference: Any,
                  max_rows: int | None) -> SplitRecords:
-        records = list(records)
+        if not self.cpus:
+            self._start()
         size = max(16, min(CHUNK_ROWS, math.ceil(len(records) / (4 * self.cpus))))
         starts = list(range(0, len(records), size))
         wave = len(starts) if max_rows is None else 2 * self.cpus
@@ -297,7 +308,7 @@ class _RayValidator:
 
 @ray.remote(num_returns=2)
 def _validate_chunk(task: str, split: str, source: str, portable: list[Any], image_root: Path,
-                       start: int) -> tuple[SplitRecords, Any]:
+                    start: int) -> tuple[SplitRecords, Any]:
     import pyarrow as pa
 
     from coin_ray.tasks import get_task
@@ -323,30 +334,20 @@ def _head(table: Any, n: int) -> Any:
 def _encode(splits: list[SplitRecords], tmp: Path, model_source: str, model_kwargs: dict[str, Any],
             max_length: int, batch_size: int, workers: int,
             max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[dict[str, Any]]:
-    """Run the Ray Data stage over every accepted item (blocks left by the validation tasks); returns the
-    encoder's rejections. Needs a running Ray."""
+    """Run the Ray Data stage over every accepted item (the blocks the validation tasks left in the object
+    store): each task encodes one block and writes its Parquet file, so encoded pixels never cross the object
+    store and only small summaries come back. Returns the encoder's rejections. Needs a running Ray."""
     import ray.data
 
     blocks = [b for s in sorted(splits, key=lambda s: SPLITS.index(s.split)) for b in s.blocks]
     if not blocks:
         return []
-    ctx = ray.data.DataContext.get_current()
-    old_order = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True  # same inputs -> same row order in the files
-    sink = RejectionSink.remote()
-    try:
-        ds = ray.data.from_arrow_refs(blocks).map_batches(
-            encode_batch, fn_kwargs={"model_source": model_source, "model_kwargs": model_kwargs,
-                                     "max_length": max_length, "max_image_pixels": max_image_pixels, "sink": sink},
-            batch_size=batch_size, batch_format="pyarrow", num_cpus=1, concurrency=workers)
-        # Same CPU and concurrency as the map, so Ray Data fuses the two: each task encodes a block and writes
-        # its file, and the encoded pixels never pass through the object store.
-        ds.write_parquet(str(tmp), partition_cols=PARTITION_COLUMNS, partitioning_flavor=None,
-                         ray_remote_args={"num_cpus": 1}, concurrency=workers)
-        return ray.get(sink.drain.remote())
-    finally:
-        ctx.execution_options.preserve_order = old_order
-        ray.kill(sink)
+    summaries = ray.data.from_arrow_refs(blocks).map_batches(
+        encode_blocks, batch_size=None, batch_format="pyarrow", num_cpus=1, concurrency=workers,
+        fn_kwargs={"model_source": model_source, "model_kwargs": model_kwargs, "max_length": max_length,
+                   "max_image_pixels": max_image_pixels, "out": str(tmp), "batch_size": batch_size},
+    ).take_all()
+    return [r for summary in summaries for r in json.loads(summary["rejected"])]
 
 
 def _per_row(nbytes: int, rows: int) -> float | None:
