@@ -9,8 +9,8 @@ Layout of OUT (a contract with training and evaluation):
     OUT/<Task>/train/*.parquet   id, task, index, input_ids, labels, pixel_values, question, answer
     OUT/<Task>/test/*.parquet    question_id, task, index, input_ids, pixel_values, question, reference, size
     OUT/rejected.jsonl           one line per skipped record: task, split, id, index, kind, reason
-    OUT/manifest.json            {"version": 1, "content_hash", "tasks": {T: {split: {"rows", "rejected", ...}}},
-                                  "config": {...}, ...}
+    OUT/manifest.json            {"version": 1, "content_hash", "tasks": {T: {split: {"rows", "rejected", "bytes",
+                                  "bytes_per_row", ...}}}, "bytes_per_row": {T: ...}, "config": {...}, ...}
 Read the Parquet with `pipelines.load_split` (it selects the split's columns from the stored union schema).
 
 The driver parses the JSON listings; Ray tasks validate chunks of records (field checks, image path and stat),
