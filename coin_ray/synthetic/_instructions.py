@@ -46,13 +46,13 @@ _LETTER10 = (
 )
 _BOX10 = (
     "Please provide the bounding box coordinate of the region this sentence describes: {ref}",
-    "Provide the bounding box of the region this sentence describes: {ref}",
+    "Please provide the bounding box of the region this sentence describes: {ref}",
     "Please provide the box coordinate of the region this sentence describes: {ref}",
     "What is the bounding box of the region this sentence describes? {ref}",
-    "Provide the bounding box coordinate of the object this sentence describes: {ref}",
+    "Please provide the bounding box coordinate of the object this sentence describes: {ref}",
     "Please provide the bounding box of the object in this sentence: {ref}",
     "Please provide the bounding box coordinate of this region: {ref}",
-    "Provide the bounding box coordinate of the region: {ref}",
+    "Please provide the bounding box coordinate of the region: {ref}",
     "What is the bounding box coordinate of the object this sentence describes? {ref}",
     "Please provide the box of the region this sentence describes: {ref}",
 )
@@ -74,7 +74,7 @@ DIVERSE: dict[str, tuple[str, ...]] = {
     "GQA": ("Answer the question with a single word.",),
     "VizWiz": ("When the information in the image is insufficient, respond with 'Unanswerable'.\n"
                "Answer with one word or phrase.",),
-    "Grounding": ("Provide the bounding box of the region this sentence describes: {ref}",),
+    "Grounding": ("Please provide the bounding box of the region this sentence describes: {ref}",),
     "VQAv2": ("Please answer the question using one word or phrase.",),
     "OCRVQA": ("Answer with the words on the book cover.",),
 }

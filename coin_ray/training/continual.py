@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -174,7 +175,11 @@ def stage_datasets(cfg: ExperimentConfig, prepared: PreparedData) -> tuple[dict[
         n = sum(p[1] for p in parts)
         per_step = stage_batch_size(cfg, prefix) * max(cfg.scaling.num_workers, 1) * t.grad_accum
         steps = do.stage_steps(t.max_steps, t.epochs, n, per_step)
-        datasets[f"stage_{k}"] = do.epoch_stream(ds, stage_seed(t.seed, prefix), do.epochs_needed(steps, n, per_step))
+        epochs = do.epochs_needed(steps, n, per_step)
+        stage_bytes = epochs * n * _row_bytes(cfg)
+        local = all(task in prepared.train_datasets for task in prefix) and stage_bytes <= d.materialize_below_mb * 2**20
+        datasets[f"stage_{k}"] = do.epoch_stream(ds, stage_seed(t.seed, prefix), epochs, local=local,
+                                                 partitions=math.ceil(n * _row_bytes(cfg) / 2**27))
         rows.append(n)
     return datasets, rows
 

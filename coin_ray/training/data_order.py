@@ -7,9 +7,10 @@ the same seed gives the same rows in the same order in every trial, after a resu
 
 - A subset of m rows of a split is the m rows with the smallest keys (`subset_indices`); the driver reads
   only the split's `index` column to pick them, and a filter keeps them (`keep_rows`).
-- An epoch is the stage's rows (replay included) sorted by their keys under that epoch's seed
-  (`shuffled`, a Ray Data sort: distributed, nothing collected on the driver); a stage of E epochs is the
-  union of E such epochs (`epoch_stream`), iterated once by the training loop.
+- An epoch is the stage's rows (replay included) sorted by their keys under that epoch's seed; a stage of E
+  epochs is E such epochs in one dataset (`epoch_stream`), iterated once by the training loop. A big stage is
+  sorted by Ray Data (`shuffled`: distributed, nothing collected on the driver); a small one, already in the
+  object store, is permuted here (the same order, without a sort's tasks).
 """
 from __future__ import annotations
 
@@ -97,22 +98,42 @@ def keep_rows(ds: Any, indices: np.ndarray) -> Any:
     return ds.map_batches(select, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
-def shuffled(ds: Any, seed: Any) -> Any:
-    """`ds` in a seeded random order: rows sorted by `row_keys(seed, task, index)` (a global, distributed sort)."""
+def order_keys(seed: Any, tasks: Any, indices: Any) -> np.ndarray:
+    """The sort keys of one epoch: `row_keys` cut to 63 bits (int64, so sort boundaries are plain ints)."""
+    return (row_keys(seed, tasks, indices) >> np.uint64(1)).astype(np.int64)
+
+
+def shuffled(ds: Any, seed: Any, partitions: int = 2) -> Any:
+    """`ds` in a seeded random order: rows sorted by `order_keys(seed, task, index)`, a distributed Ray Data
+    sort into `partitions` blocks. The keys are uniform, so the boundaries are known without sampling."""
 
     def add_key(table: Any) -> Any:
         import pyarrow as pa
 
-        keys = row_keys(seed, table["task"].to_numpy(zero_copy_only=False), table["index"].to_numpy())
-        return table.append_column(ORDER_COLUMN, pa.array(keys, type=pa.uint64()))
+        keys = order_keys(seed, table["task"].to_numpy(zero_copy_only=False), table["index"].to_numpy())
+        return table.append_column(ORDER_COLUMN, pa.array(keys, type=pa.int64()))
 
+    parts = max(2, partitions)
+    boundaries = [int(i * (2**63 // parts)) for i in range(1, parts)]
     return (ds.map_batches(add_key, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-            .sort(ORDER_COLUMN).drop_columns([ORDER_COLUMN]))
+            .sort(ORDER_COLUMN, boundaries=boundaries).drop_columns([ORDER_COLUMN]))
 
 
-def epoch_stream(ds: Any, seed: int, epochs: int) -> Any:
-    """`epochs` passes over `ds`, each in its own seeded random order (`shuffled`), as one dataset."""
-    parts = [shuffled(ds, derived_seed(seed, "epoch", e)) for e in range(max(1, epochs))]
+def epoch_stream(ds: Any, seed: int, epochs: int, *, local: bool = False, partitions: int = 2) -> Any:
+    """`epochs` passes over `ds`, each in its own seeded random order, as one dataset. `local` (a small stage
+    whose rows are already in the object store): the rows are read here once and each epoch is a permuted copy
+    (`Table.take`), without a Ray sort's tasks; the order is the same as the sort's (the same keys)."""
+    epochs = max(1, epochs)
+    if local:
+        import pyarrow as pa
+        import ray
+
+        table = pa.concat_tables([ray.get(ref) for ref in ds.to_arrow_refs()])
+        tasks, indices = table["task"].to_numpy(zero_copy_only=False), table["index"].to_numpy()
+        perms = [np.argsort(order_keys(derived_seed(seed, "epoch", e), tasks, indices), kind="stable")
+                 for e in range(epochs)]
+        return ray.data.from_arrow([table.take(pa.array(p)) for p in perms])
+    parts = [shuffled(ds, derived_seed(seed, "epoch", e), partitions) for e in range(epochs)]
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
