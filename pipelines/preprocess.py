@@ -2,7 +2,7 @@
 
     python pipelines/preprocess.py --instructions DATA/Instructions --images DATA/images \
         --tasks ScienceQA,Grounding --out runs/data [--model tiny|PATH] [--max-length 2048] \
-        [--max-rows-per-split N] [--max-image-pixels N] [--force]
+        [--max-rows-per-split N] [--max-image-pixels N] [--textvqa-annotations FILE] [--force]
         [--hf-dataset TASK=PATH --hf-columns question=q,answer=a,image=img]
 
 Layout of OUT (a contract with training and evaluation):
@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import ray
 
 from pipelines import _hf
+from pipelines._annotations import TEXTVQA, load_textvqa_answers, with_textvqa_answers
 from pipelines._encode import encode_blocks, prefetch_imports, stored_columns
 from pipelines._hashing import ContentHasher
 from pipelines._records import (DEFAULT_MAX_IMAGE_PIXELS, PipelineInputError, SplitRecords,
@@ -81,6 +82,7 @@ def plan(
     hf_datasets: Mapping[str, HFSource] | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     _validate: Callable[..., SplitRecords] = validate_records,
+    textvqa_annotations: str | Path | None = None,
 ) -> Plan:
     """Read and validate every task's records and hash inputs + config (in this process, no Ray, no decoding;
     `preprocess` passes `_validate` to run the validation in Ray tasks instead).
@@ -89,7 +91,8 @@ def plan(
     task comes from `hf_datasets`. images: the image root every record path is relative to.
     max_rows: keep at most this many valid records per split (the first ones). max_image_pixels: images
     with more pixels (width x height) are rejected as image_too_large (part of the hash: it decides which
-    rows survive).
+    rows survive). textvqa_annotations: the TextVQA annotation JSON; TextVQA test rows then carry its 10 human
+    answers as their reference (`pipelines._annotations`).
     """
     task_names = _check_args(tasks, max_length, max_rows, max_image_pixels)
     hf_datasets = dict(hf_datasets or {})
@@ -116,7 +119,11 @@ def plan(
         from coin_ray.models import VOCAB_WORDS
 
         hasher.add_json("tiny_vocabulary", list(VOCAB_WORDS))
-    splits = _read_tasks(task_names, instructions, image_root, hf_datasets, max_rows, hasher, _validate)
+    answers = None
+    if textvqa_annotations is not None and "TextVQA" in task_names:
+        answers, raw = load_textvqa_answers(textvqa_annotations)
+        hasher.add("textvqa_annotations", raw)
+    splits = _read_tasks(task_names, instructions, image_root, hf_datasets, max_rows, hasher, _validate, answers)
     config.update(instructions=None if instructions is None else str(Path(instructions).expanduser().resolve()),
                   images=str(image_root), hf_datasets={t: str(s.path) for t, s in sorted(hf_datasets.items())})
     return Plan(task_names, image_root, config, splits, hasher.hexdigest())
@@ -137,6 +144,7 @@ def preprocess(
     batch_size: int = 16,
     num_actors: int | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    textvqa_annotations: str | Path | None = None,
 ) -> dict[str, Any]:
     """Preprocess `tasks` into `out` and return the manifest (reused as is when the content hash matches).
 
@@ -155,7 +163,7 @@ def preprocess(
     try:
         p = plan(instructions, images, tasks, model_source=model_source, model_kwargs=model_kwargs,
                  max_length=max_length, max_rows=max_rows, hf_datasets=hf_datasets,
-                 max_image_pixels=max_image_pixels, _validate=validator)
+                 max_image_pixels=max_image_pixels, _validate=validator, textvqa_annotations=textvqa_annotations)
 
         manifest_path = out / "manifest.json"
         if not force and manifest_path.is_file():
@@ -234,7 +242,8 @@ def _check_out_is_ours(out: Path) -> None:
 
 def _read_tasks(task_names: list[str], instructions: str | Path | None, image_root: Path,
                 hf_datasets: dict[str, HFSource], max_rows: int | None, hasher: ContentHasher,
-                validate: Callable[..., SplitRecords] = validate_records) -> list[SplitRecords]:
+                validate: Callable[..., SplitRecords] = validate_records,
+                textvqa_answers: dict[str, list[str]] | None = None) -> list[SplitRecords]:
     from coin_ray.tasks import get_task
 
     sources: list[tuple[str, str, str, Any, Any]] = []  # every file is read (and may fail) before any validation
@@ -251,6 +260,8 @@ def _read_tasks(task_names: list[str], instructions: str | Path | None, image_ro
             for split, path in split_files(Path(instructions).expanduser(), task).items():
                 records, raw = read_json_list(path)
                 hasher.add(f"json/{task}/{split}", raw)
+                if task == TEXTVQA and split == "test":
+                    records = with_textvqa_answers(records, textvqa_answers, str(path))
                 sources.append((task, split, str(path), records, reference))
     out = [validate(task, split, source, records, image_root, reference, max_rows)
            for task, split, source, records, reference in sources]
@@ -410,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-rows-per-split", type=int, default=None, help="keep the first N valid records per split")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="reject images with more pixels (width x height) as image_too_large (default: %(default)d)")
+    parser.add_argument("--textvqa-annotations", default=None, metavar="FILE",
+                        help="TextVQA annotation JSON: TextVQA test rows are scored against its 10 human answers")
     parser.add_argument("--force", action="store_true", help="recompute even when the content hash matches")
     parser.add_argument("--hf-dataset", action="append", default=[], metavar="TASK=PATH",
                         help="read TASK from a datasets.save_to_disk folder (repeatable)")
@@ -430,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.instructions, args.images, args.tasks, args.out, model_source=args.model,
             model_kwargs=model_kwargs, max_length=args.max_length, max_rows=args.max_rows_per_split,
             force=args.force, hf_datasets=_parse_hf(args.hf_dataset, args.hf_columns),
-            batch_size=args.batch_size, num_actors=args.num_actors, max_image_pixels=args.max_image_pixels)
+            batch_size=args.batch_size, num_actors=args.num_actors, max_image_pixels=args.max_image_pixels,
+            textvqa_annotations=args.textvqa_annotations)
     except PipelineInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@
     python sweeps/task_order.py                  # embedded defaults: synthetic benchmark, tiny VLM, local Ray
     python sweeps/task_order.py --smoke-test     # all 6 orders of 3 tasks, tiny budgets (minutes)
     python sweeps/task_order.py --config configs/coin_llava7b.yaml --address auto --gpus-per-worker 1
+    python sweeps/task_order.py --design given --orders 'ScienceQA>TextVQA>ImageNet' \
+        --grid train.replay_per_task=0,100,500,1000 --baselines joint    # CoIN's replay study and the bound
 
 One Tune trial per (order, seed); each trial is one Ray Train run carrying every stage of its order;
 results go to MLflow (a parent run per sweep, a child run per trial) and to --storage-path.
@@ -10,6 +12,7 @@ results go to MLflow (a parent run per sweep, a child run per trial) and to --st
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -29,6 +32,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                    f"on: {', '.join(cli.METRICS)}")
     p.add_argument("--optuna-goal", choices=("worst", "best"), default="worst",
                    help="--design optuna searches for the order with the worst or the best --metric")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="run every order with each value of a config field (repeatable), e.g. "
+                        "--grid train.replay_per_task=100,500,1000 or --grid data.train_fraction=0.1,0.5,1")
+    p.add_argument("--baselines", choices=("joint",), nargs="+", default=[],
+                   help="joint: add the multitask upper bound (one stage on the union of the tasks, evaluated "
+                        "on every task; tagged coin_ray.baseline=joint in MLflow); the analysis reports each "
+                        "order's gap to it")
     cli.add_common_args(p)
     return p.parse_args(argv)
 
@@ -48,6 +58,9 @@ def plan(args: argparse.Namespace):
     if args.orders and kind != "given":
         raise cli.UsageError(f"--orders lists the orders of --design given (the design here is {kind}): "
                              f"add --design given or leave --orders out")
+    if args.baselines and kind == "optuna":
+        raise cli.UsageError("--baselines is for the fixed designs (latin, williams, all, random N, given): "
+                             "--design optuna samples its orders")
     tasks = list(cfg.order)
     orders = None
     if kind != "optuna":
@@ -64,6 +77,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     cfg, design, kind, count, orders = plan(args)
+    grid = cli.parse_grid(args.grid, cfg)
     tasks = list(cfg.order)
     seeds = list(range(args.seeds))
 
@@ -85,21 +99,27 @@ def main(argv=None) -> None:
                            search_alg=search)
     else:
         spec_kwargs = dict(param_space={space.SEED_KEY: tune.grid_search(seeds)})
+    spec_kwargs["param_space"].update({space.hp(key): tune.grid_search(values) for key, values in grid.items()})
     name = args.name or cli.default_sweep_name("task_order", kind, count, tasks, args)
     preflight(cfg, args)
     prepared = prepare(cfg, args)
     if orders is not None:
-        n_stages = len(orders) * len(seeds) * len(tasks)
-        print(f"[coin-ray] sweep {name}: {len(orders)} orders x {len(seeds)} seeds = {len(orders) * len(seeds)} trials, "
-              f"{n_stages} stages ({designs.distinct_prefixes(orders) * len(seeds)} distinct with the stage cache)")
+        cells = len(seeds) * math.prod(len(v) for v in grid.values())
+        n_stages = len(orders) * cells * len(tasks)
+        print(f"[coin-ray] sweep {name}: {len(orders)} orders x {cells} seeds/grid values = {len(orders) * cells} "
+              f"trials, {n_stages} stages ({designs.distinct_prefixes(orders) * cells} distinct with the stage cache)"
+              + (f", plus {cells} joint-bound trials" if args.baselines else ""))
     concurrency = cli.default_concurrency(cfg, args.max_concurrent_trials, prepared)
     if orders is not None:  # trials start in this order: shared prefixes trained once, trials at once rarely wait
         spec_kwargs["param_space"][space.ORDER_KEY] = tune.grid_search(
-            [">".join(o) for o in designs.schedule_for_sharing(orders, concurrency)])
+            [">".join(o) for o in designs.schedule_for_sharing(orders, concurrency)]
+            + ([space.JOINT] if "joint" in args.baselines else []))
     spec = SweepSpec(name=name, base=cfg, max_concurrent_trials=concurrency,
                      resume=args.resume, tracking=not args.no_tracking, verbose=args.verbose,
                      sweep_params={"design": " ".join(design), "tasks": ",".join(tasks), "seeds": args.seeds,
                                    "metric": args.metric, "orders": len(orders) if orders else count,
+                                   **({"grid": " ".join(args.grid)} if args.grid else {}),
+                                   **({"baselines": ",".join(args.baselines)} if args.baselines else {}),
                                    **{k: v for k, v in cfg.flatten().items() if k != "order"}},
                      **spec_kwargs)
     outcome = run_sweep(spec, prepared)

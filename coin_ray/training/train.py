@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from coin_ray.training.stages import seed_everything, stage_seed
+from coin_ray.training.data_order import stage_steps
+from coin_ray.training.stages import seed_everything, stage_prefixes, stage_seed
 from coin_ray.training.worker import WorkerRun
 
 
@@ -48,10 +49,13 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
 
     cfg, env, model, autocast_dtype = run.cfg, run.env, run.model, run.autocast_dtype
     t = cfg.train
-    k = len(prefix) - 1
+    from coin_ray.training.continual import stage_batch_size
+
+    k = stage_prefixes(cfg).index(prefix)
     seed_everything(stage_seed(t.seed, prefix))
-    per_step = t.batch_size * max(env.world, 1) * t.grad_accum
-    steps = t.max_steps or max(1, math.ceil(t.epochs * run.stage_rows[k] / per_step))
+    batch_size = stage_batch_size(cfg, prefix)
+    per_step = batch_size * max(env.world, 1) * t.grad_accum
+    steps = stage_steps(t.max_steps, t.epochs, run.stage_rows[k], per_step)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
@@ -73,13 +77,11 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
             "in bf16 or fp32 (train.precision)")
 
     losses: list[tuple[int, float]] = []
-    step = micro = epoch = 0
+    step = micro = 0
     running = 0.0
-    while step < steps:
+    while step < steps:  # the shard holds every epoch, each in its own seeded global order (data_order)
         n_batches = 0
-        for batch in shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate,
-                                              local_shuffle_buffer_size=max(4 * t.batch_size, 64),
-                                              local_shuffle_seed=stage_seed(t.seed + epoch, prefix) % (2**31)):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
             n_batches += 1
             batch = {name: x.to(env.device) for name, x in batch.items()}
             last_micro = (micro + 1) % t.grad_accum == 0
@@ -109,7 +111,6 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
                 callback(stage=k, step=step)
             if step >= steps:
                 break
-        epoch += 1
         if n_batches == 0:
             raise RuntimeError(f"stage {k} ({prefix[-1]}): the training shard is empty; check the preprocessed data")
     model.eval()
