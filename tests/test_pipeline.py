@@ -472,3 +472,48 @@ def test_hf_dataset_rows(coin_run) -> None:
     rows = sorted(load_split(out, "VQAv2", "train").take_all(), key=lambda r: r["index"])
     assert [r["id"] for r in rows] == ["h0", "h1"] and [r["answer"] for r in rows] == ["yes", "no"]
     assert rows[0]["pixel_values"].shape == (3, 16, 16)
+
+
+def _textvqa(root: Path) -> tuple[Path, Path, Path]:
+    """A TextVQA folder whose test.json holds one answer per question, and an annotation file with 10."""
+    images, instr = root / "images", root / "Instructions"
+    for i in range(2):
+        _image(images / "tv" / f"{i}.png", color=(90, 20 * i, 200))
+    (instr / "TextVQA").mkdir(parents=True)
+    (instr / "TextVQA" / "train.json").write_text(json.dumps([_train(i, f"tv/{i}.png", answer="coke") for i in range(2)]))
+    (instr / "TextVQA" / "test.json").write_text(json.dumps(
+        [{"question_id": 7, "image": "tv/0.png", "text": "What brand is it?\nAnswer the question using a single word "
+          "or phrase.", "answer": "pepsi"}]))
+    annotations = root / "TextVQA_0.5.1_val.json"
+    annotations.write_text(json.dumps({"data": [
+        {"question_id": 7, "answers": ["coke", "coke", "coke", "pepsi", "pepsi", "pepsi", "pepsi", "pepsi",
+                                       "pepsi", "pepsi"]}]}))
+    return instr, images, annotations
+
+
+@pytest.mark.integration
+def test_textvqa_test_rows_carry_the_ten_human_answers_and_score_softly(ray_cluster, tmp_path: Path, capsys) -> None:
+    """With the annotation file the preprocessed TextVQA test rows hold its 10 answers in `reference`, and an
+    answer given by 3 of 10 annotators scores 0.9 (VQA accuracy averaged over the 10 leave-one-out subsets);
+    without it, a warning says TextVQA falls back to exact match against test.json's single answer."""
+    import pyarrow.parquet as pq
+
+    from coin_ray.tasks import get_task
+
+    instr, images, annotations = _textvqa(tmp_path)
+    preprocess(instr, images, "TextVQA", tmp_path / "out", model_kwargs=TINY, max_length=256, batch_size=4,
+               num_actors=1, textvqa_annotations=annotations)
+    rows = pq.read_table(tmp_path / "out" / "TextVQA" / "test").to_pylist()
+    (row,) = rows
+    reference = json.loads(row["reference"]) if isinstance(row["reference"], str) else row["reference"]
+    assert len(reference) == 10 and reference.count("coke") == 3
+    task = get_task("TextVQA")
+    assert task.score("coke", reference) == pytest.approx(0.9)
+    assert task.score("pepsi", reference) == pytest.approx(1.0)
+    capsys.readouterr()
+    preprocess(instr, images, "TextVQA", tmp_path / "plain", model_kwargs=TINY, max_length=256, batch_size=4,
+               num_actors=1)
+    assert "TextVQA falls back to exact match" in capsys.readouterr().err
+    (plain,) = pq.read_table(tmp_path / "plain" / "TextVQA" / "test").to_pylist()
+    plain_ref = json.loads(plain["reference"]) if plain["reference"].startswith(("[", '"')) else plain["reference"]
+    assert task.score("coke", plain_ref) == 0.0 and task.score("pepsi", plain_ref) == 1.0
