@@ -54,6 +54,7 @@ CL_METHODS = ("none", "olora", "ewc", "lwf")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision: the autocast dtype (coin_ray.models._precision)
 MODEL_DTYPES = ("auto", "bf16", "fp16", "fp32")  # model.dtype: the dtype the frozen base is held in
 PROMPTS = ("vicuna_v1", "checkpoint")  # model.prompt: CoIN's vicuna_v1, or the checkpoint's own chat template
+INSTRUCTION_STYLES = ("original", "diverse", "10type")  # = coin_ray.tasks.INSTRUCTION_STYLES (a test keeps them equal)
 JUDGES = ("none", "embedding", "llm")  # = coin_ray.evaluation.judges.JUDGE_KINDS (a test keeps them equal;
 # not imported so that reading a config never imports the HTTP stack)
 
@@ -133,12 +134,15 @@ class DataConfig:
     train_rows: int = 240  # synthetic: train examples per task
     test_rows: int = 40  # synthetic: test examples per task
     image_size: int = 32  # synthetic: image side in pixels
-    max_train_rows: int | None = None  # cap per task (coin: the data-volume study; None = all)
-    max_test_rows: int | None = None  # cap per task for evaluation (CoIN's "slim" sets use 4000)
+    max_train_rows: int | None = None  # cap per task: a seeded random subset of this many rows (None = all)
+    max_test_rows: int | None = None  # per task for evaluation: a seeded random subset (CoIN's "slim" sets: 4000)
+    train_fraction: float = 1.0  # a seeded random fraction of each train split (CoIN's data-volume study)
+    instruction_style: str = "original"  # original | diverse | 10type (synthetic: generated; coin: the folder)
+    textvqa_annotations: str | None = None  # coin: TextVQA annotation JSON with the 10 human answers per question
     max_length: int = 160  # token budget per example (prompt + image tokens + answer)
     max_image_pixels: int = 64_000_000  # images with more pixels (width x height) are rejected: image_too_large
     materialize_below_mb: int = 512  # stages smaller than this are read once into Ray's object store
-    seed: int = 0  # generator seed (synthetic)
+    seed: int = 0  # generator seed (synthetic), and the seed of the train/test subsets (the same in every trial)
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -154,6 +158,10 @@ class DataConfig:
         for name in ("max_train_rows", "max_test_rows"):
             v = getattr(self, name)
             _check(p, v is None or v >= 1, f"data.{name} must be >= 1 or null, got {v}")
+        _check(p, 0 < self.train_fraction <= 1,
+               f"data.train_fraction must be in (0, 1] (1 = every train row), got {self.train_fraction}")
+        _check(p, self.instruction_style in INSTRUCTION_STYLES,
+               f"data.instruction_style must be one of {INSTRUCTION_STYLES}, got {self.instruction_style!r}")
         return p
 
 
@@ -306,7 +314,9 @@ class TrainConfig:
     grad_accum: int = 1
     precision: str = "auto"  # autocast dtype: auto = model.dtype when half, else bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
-    replay_per_task: int = 0  # examples of each past task mixed into the current stage
+    replay_per_task: int = 0  # a seeded random sample of this many examples of each past task, shuffled in
+    batch_size_per_task: Mapping[str, Any] = field(default_factory=dict)  # e.g. {Grounding: 8}; else batch_size
+    joint: bool = False  # the multitask upper bound: one stage on the union of the order's tasks
     max_grad_norm: float = 1.0
     seed: int = 0
 
@@ -320,7 +330,14 @@ class TrainConfig:
         _check(p, self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
         _check(p, self.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         _check(p, self.replay_per_task >= 0, f"train.replay_per_task must be >= 0, got {self.replay_per_task}")
+        for task, size in self.batch_size_per_task.items():
+            _check(p, isinstance(size, int) and not isinstance(size, bool) and size >= 1,
+                   f"train.batch_size_per_task.{task} must be an integer >= 1, got {size!r}")
         return p
+
+    def batch_size_of(self, task: str) -> int:
+        """The per-worker batch size of `task`'s stage: batch_size_per_task[task] where given, else batch_size."""
+        return int(self.batch_size_per_task.get(task, self.batch_size))
 
 
 @dataclass(frozen=True)
@@ -436,6 +453,12 @@ class ExperimentConfig:
                 object.__setattr__(self, "order", validate_order(self.order))
             except InvalidOrderError as e:
                 problems += [f"order: {p}" for p in e.problems]
+        if isinstance(self.train, TrainConfig):
+            from coin_ray.tasks import TASK_NAMES
+
+            for task in self.train.batch_size_per_task:
+                _check(problems, task in TASK_NAMES, f"train.batch_size_per_task names {task!r}, not a task: use "
+                       f"one of {', '.join(TASK_NAMES)} (spelled as there)")
         if isinstance(self.name, str):
             _check(problems, bool(self.name) and "/" not in self.name,
                    f"name must be a non-empty string without '/', got {self.name!r}")
@@ -508,7 +531,7 @@ class ExperimentConfig:
         out: dict[str, Any] = {}
 
         def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, Mapping) and not (prefix.endswith("judge_options")):
+            if isinstance(value, Mapping) and not prefix.endswith(("judge_options", "batch_size_per_task")):
                 for k, v in value.items():
                     walk(f"{prefix}.{k}" if prefix else k, v)
             elif isinstance(value, (list, tuple, dict)) or (isinstance(value, Mapping)):

@@ -1,8 +1,9 @@
-"""The image-bound stage of the pipeline: decode images and encode rows, one processor per Ray actor.
+"""The image-bound stage of the pipeline: decode images and encode rows, one processor per Ray worker process.
 
-`Encoder` is the callable class given to `Dataset.map_batches`; it turns validated work items (see
-_records.py) into the stored row schema. Images that fail to decode are not rows: they go to a
-`RejectionSink` actor, which the driver drains into OUT/rejected.jsonl once the write finishes. An image above
+`encode_blocks` is the function given to `Dataset.map_batches` (Ray tasks, one block of validated work items
+at a time, as Arrow tables of `ITEM_SCHEMA`); it keeps one `Encoder` per worker process, and `encode_block`
+turns a block into the stored row schema batch by batch and writes it as one Parquet file. Images that fail to decode are not rows: they come back with the block's summary, which the driver writes into
+OUT/rejected.jsonl. An image above
 `max_image_pixels` is refused from its header, before its pixels are decoded (`image_too_large`); PIL's own
 decompression-bomb limit (Image.MAX_IMAGE_PIXELS) stays in force and counts as `image_too_large` too.
 """
@@ -10,19 +11,22 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
-
+import pyarrow.compute  # noqa: F401 - pa.compute
 from pipelines._records import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TOO_LARGE, TRUNCATED, UNREADABLE_IMAGE
 
-# Directory partition columns: written as OUT/<task>/<split>/ and dropped from the files by the writer
-# (pyarrow drops partition columns), which is why `task` is kept as a separate, ordinary column.
-PARTITION_COLUMNS = ["_dir_task", "_dir_split"]
 TRAIN_COLUMNS = ["id", "task", "index", "input_ids", "labels", "pixel_values", "question", "answer"]
 TEST_COLUMNS = ["question_id", "task", "index", "input_ids", "pixel_values", "question", "reference", "size"]
+# A validated work item (`validate_records`), as the validation tasks hand it to the encoding stage.
+ITEM_SCHEMA = pa.schema([
+    ("task", pa.string()), ("split", pa.string()), ("index", pa.int64()), ("id", pa.string()),
+    ("question", pa.string()), ("answer", pa.string()), ("reference", pa.string()), ("size", pa.list_(pa.int64())),
+    ("image", pa.string()), ("hf_image", pa.string()),
+])
 
 
 def stored_columns(model_source: str) -> dict[str, list[str]]:
@@ -45,21 +49,6 @@ def load_processor(model_source: str, model_kwargs: dict[str, Any]) -> Any:
 
         return AutoProcessor.from_pretrained(model_source, local_files_only=True)
     return models.build_vlm(model_source, **model_kwargs)[1]  # tiny: building the model costs milliseconds
-
-
-@ray.remote(num_cpus=0)
-class RejectionSink:
-    """Collects rejections from every encoder actor; keyed by record so a retried batch is counted once."""
-
-    def __init__(self) -> None:
-        self._rows: dict[tuple[str, str, int], dict[str, Any]] = {}
-
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            self._rows[(row["task"], row["split"], row["index"])] = row
-
-    def drain(self) -> list[dict[str, Any]]:
-        return sorted(self._rows.values(), key=lambda r: (r["task"], r["split"], r["index"]))
 
 
 class ImageTooLarge(ValueError):
@@ -104,9 +93,9 @@ class _HFImages:
 
 
 class Encoder:
-    """map_batches callable: work items (pyarrow batch) -> stored rows (pyarrow table)."""
+    """Work items (pyarrow batch) -> stored rows (pyarrow table) + rejections, with one processor."""
 
-    def __init__(self, model_source: str, model_kwargs: dict[str, Any], max_length: int, sink: Any = None,
+    def __init__(self, model_source: str, model_kwargs: dict[str, Any], max_length: int,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         from PIL import Image
 
@@ -120,7 +109,6 @@ class Encoder:
         self._columns = ["pixel_values", *self._family.extra_columns]
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels
-        self.sink = sink
         self._hf = _HFImages()
         probe = models.encode_prompt_batch(self.processor, ["probe"], [Image.new("RGB", (8, 8))])
         # per-row shapes, for all-rejected batches
@@ -130,14 +118,8 @@ class Encoder:
         return _decode(self._hf.get(json.loads(item["hf_image"])) if item["hf_image"] else item["image"],
                        self.max_image_pixels)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        table, rejected = self.encode(batch)
-        if rejected:
-            ray.get(self.sink.add.remote(rejected))
-        return table
-
     def encode(self, batch: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]:
-        """(stored rows, rejections) of one batch of work items; the actor-free core of `__call__`."""
+        """(stored rows, rejections) of one batch of work items (no Ray needed)."""
         items = batch.to_pylist()
         rejected: list[dict[str, Any]] = []
         images: dict[int, Any] = {}
@@ -182,13 +164,77 @@ class Encoder:
         return _to_table(rows, self._family.arrow_columns(images_out, self._empty)), rejected
 
 
+def encode_block(encoder: Encoder, items: pa.Table, out: Path, batch_size: int) -> list[dict[str, Any]]:
+    """Encode one block of work items `batch_size` rows at a time and write each task/split's rows as one
+    Parquet file, OUT/<task>/<split>/part-<index of its first item>.parquet (the same name on a retry);
+    returns per file {task, split, rows, bytes, rejected (JSON list of rejections)}."""
+    import pyarrow.parquet as pq
+
+    summaries = []
+    keys = items.select(["task", "split"]).to_pylist()
+    for task, split in dict.fromkeys((k["task"], k["split"]) for k in keys):
+        group = items.filter(pa.compute.and_(pa.compute.equal(items["task"], task),
+                                             pa.compute.equal(items["split"], split)))
+        tables, rejected = [], []
+        for start in range(0, group.num_rows, batch_size):
+            table, bad = encoder.encode(group.slice(start, batch_size))
+            tables.append(table)
+            rejected += bad
+        folder = out / task / split
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"part-{group['index'][0].as_py():09d}.parquet"
+        table = pa.concat_tables(tables)
+        pq.write_table(table, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        summaries.append({"task": task, "split": split, "rows": table.num_rows, "bytes": path.stat().st_size,
+                          "rejected": json.dumps(rejected)})
+    return summaries
+
+
+_WORKER_ENCODER: dict[str, Encoder] = {}  # this worker process's Encoder, keyed by its settings
+_PREFETCH: list[Any] = []  # the thread started by `prefetch_imports` in this process, if any
+
+
+def prefetch_imports() -> None:
+    """Start importing the encoder's libraries (torch, transformers: seconds) in a background thread of this
+    worker process, once, so the encoding tasks that follow in the same process find them imported (an import
+    in progress makes theirs wait, by Python's import lock). `preprocess` sends one such task per CPU as it
+    starts, to overlap the imports with validating the records."""
+    if not _PREFETCH:
+        import threading
+
+        def load() -> None:
+            import coin_ray.models  # noqa: F401
+
+        _PREFETCH.append(threading.Thread(target=load, name="prefetch-imports", daemon=True))
+        _PREFETCH[0].start()
+
+
+def encode_blocks(items: pa.Table, *, model_source: str, model_kwargs: dict[str, Any], max_length: int,
+                  max_image_pixels: int, out: str, batch_size: int) -> pa.Table:
+    """map_batches function (batch_size=None: one whole block): `encode_block` with this worker process's
+    Encoder, built on its first task and reused by every later one (a run pays that start-up once per
+    process, not once per task). Returns the small per-file summaries as a table."""
+    key = json.dumps([model_source, model_kwargs, max_length, max_image_pixels], sort_keys=True)
+    encoder = _WORKER_ENCODER.get(key)
+    if encoder is None:
+        _WORKER_ENCODER.clear()
+        encoder = _WORKER_ENCODER[key] = Encoder(model_source, model_kwargs, max_length,
+                                                 max_image_pixels=max_image_pixels)
+    return pa.Table.from_pylist(encode_block(encoder, items, Path(out), batch_size), schema=_SUMMARY_SCHEMA)
+
+
+_SUMMARY_SCHEMA = pa.schema([("task", pa.string()), ("split", pa.string()), ("rows", pa.int64()),
+                             ("bytes", pa.int64()), ("rejected", pa.string())])
+
+
 def _rejection(item: dict[str, Any], kind: str, reason: str) -> dict[str, Any]:
     return {"task": item["task"], "split": item["split"], "id": item["id"], "index": item["index"],
             "kind": kind, "reason": reason}
 
 
 def _row(item: dict[str, Any], **values: Any) -> dict[str, Any]:
-    row = {"_dir_task": item["task"], "_dir_split": item["split"], "task": item["task"], "index": item["index"],
+    row = {"task": item["task"], "index": item["index"],
            "question": item["question"], "id": None, "question_id": None, "labels": None, "answer": None,
            "reference": None, "size": None}
     row.update(values)
@@ -197,7 +243,7 @@ def _row(item: dict[str, Any], **values: Any) -> dict[str, Any]:
 
 _LIST_I32 = pa.list_(pa.int32())
 _SCHEMA_NO_PIXELS = pa.schema([
-    ("_dir_task", pa.string()), ("_dir_split", pa.string()), ("task", pa.string()), ("index", pa.int64()),
+    ("task", pa.string()), ("index", pa.int64()),
     ("id", pa.string()), ("question_id", pa.string()), ("input_ids", _LIST_I32), ("labels", _LIST_I32),
     ("question", pa.string()), ("answer", pa.string()), ("reference", pa.string()), ("size", _LIST_I32),
 ])

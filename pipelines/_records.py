@@ -1,8 +1,9 @@
-"""Driver-side reading of CoIN instruction files: JSON parsing, record validation, image-path safety.
+"""Reading CoIN instruction files: JSON parsing, record validation, image-path safety.
 
-Everything here is cheap (JSON + one stat per image) and runs on the driver; decoding images is left to
-the Ray Data stage. A bad record becomes a `Rejection`; a bad *file* (invalid JSON, missing task folder)
-raises `PipelineInputError`, because no record of it can be trusted.
+The driver parses the JSON listings; `validate_records` (field checks + one resolve and stat per image) runs
+on chunks of records in Ray tasks during a pipeline run (`merge_chunks` joins their verdicts), or in one
+loop for `plan`; decoding images is left to the Ray Data stage. A bad record becomes a `Rejection`; a bad
+*file* (invalid JSON, missing task folder) raises `PipelineInputError`, because no record of it can be trusted.
 
 Internal fields never come from user data: the embedded-image reference of a HF dataset row sits under the key
 `HF_IMAGE`, an object that no JSON text can produce as a key, so a user record cannot skip the image-root
@@ -77,6 +78,13 @@ class SplitRecords:
     items: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     fingerprint: list[Any] = field(default_factory=list)  # (image rel path, size, mtime_ns) per accepted item
+    accepted: list[int] = field(default_factory=list)  # record index of each accepted item
+    blocks: list[Any] = field(default_factory=list)  # items as Arrow tables in the Ray object store (Ray runs)
+
+    @property
+    def count(self) -> int:
+        """Accepted items, whether held here (`items`) or in the object store (`blocks`)."""
+        return len(self.accepted)
 
 
 def read_json_list(path: Path) -> tuple[list[Any], bytes]:
@@ -159,19 +167,20 @@ def _is_empty(value: Any) -> bool:
 
 
 def validate_records(task: str, split: str, source: str, records: Iterable[Any], image_root: Path,
-                     reference: Callable[[dict[str, Any]], Any], max_rows: int | None = None) -> SplitRecords:
+                     reference: Callable[[dict[str, Any]], Any], max_rows: int | None = None,
+                     start: int = 0) -> SplitRecords:
     """Check each record of one split; accepted ones become work items for the Ray Data stage.
 
     Train items carry (question, answer); test items carry (question, reference as JSON text, size).
     `reference` is the task's `reference_from_record`. A train answer of a box task (Grounding) must be a
     box (`coin_ray.tasks.box_problem`). With `max_rows`, reading stops after that many accepted records (a
-    smoke run then costs what it uses).
+    smoke run then costs what it uses). `start`: the source index of the first record (a chunk of a file).
     """
     from coin_ray.tasks import box_problem, get_task
 
     box_answers = get_task(task).answer_format == "box"
     out = SplitRecords(task, split, source)
-    for index, record in enumerate(records):
+    for index, record in enumerate(records, start):
         if max_rows is not None and len(out.items) >= max_rows:
             break
         rec_id = None
@@ -225,8 +234,46 @@ def validate_records(task: str, split: str, source: str, records: Iterable[Any],
             reject(kind, reason)
             continue
         out.fingerprint.append(item.pop("fingerprint"))
+        out.accepted.append(index)
         out.items.append(item)
     return out
+
+
+def merge_chunks(task: str, split: str, source: str, chunks: Iterable[SplitRecords],
+                 max_rows: int | None = None) -> tuple[SplitRecords, list[int]]:
+    """Join the verdicts of consecutive chunks of one split, as `validate_records` over the whole would give.
+
+    Returns the merged split (items and blocks are left to the caller) and, per chunk, how many of its
+    accepted items to keep: with `max_rows`, the first `max_rows` accepted records overall, and only the
+    rejections before the last of them (the single loop stops reading there).
+    """
+    out = SplitRecords(task, split, source)
+    keep: list[int] = []
+    for chunk in chunks:
+        if max_rows is not None and out.count >= max_rows:  # the single loop stopped before this chunk
+            keep.append(0)
+            continue
+        room = chunk.count if max_rows is None else min(chunk.count, max_rows - out.count)
+        rejections = chunk.rejections
+        if max_rows is not None and out.count + room >= max_rows:  # ... or stops inside it
+            rejections = [r for r in rejections if r.index < chunk.accepted[room - 1]]
+        out.rejections.extend(rejections)
+        out.fingerprint.extend(chunk.fingerprint[:room])
+        out.accepted.extend(chunk.accepted[:room])
+        keep.append(room)
+    return out, keep
+
+
+def to_portable(records: Iterable[Any]) -> list[tuple[Any, Any]]:
+    """Records as (record without `HF_IMAGE`, its value or None): safe to pickle into a Ray task, where the
+    internal key would arrive as a different object and so be lost (see the module docstring)."""
+    return [((r, None) if not isinstance(r, dict) or HF_IMAGE not in r else
+             ({k: v for k, v in r.items() if k is not HF_IMAGE}, r[HF_IMAGE])) for r in records]
+
+
+def from_portable(pairs: Iterable[tuple[Any, Any]]) -> list[Any]:
+    """The records `to_portable` took apart, with `HF_IMAGE` set again where there was one."""
+    return [record if hf_ref is None else {**record, HF_IMAGE: hf_ref} for record, hf_ref in pairs]
 
 
 def _item_image(record: dict[str, Any], image_root: Path, item: dict[str, Any]) -> tuple[Any, str | None, str | None]:

@@ -2,21 +2,23 @@
 
     python pipelines/preprocess.py --instructions DATA/Instructions --images DATA/images \
         --tasks ScienceQA,Grounding --out runs/data [--model tiny|PATH] [--max-length 2048] \
-        [--max-rows-per-split N] [--max-image-pixels N] [--force]
+        [--max-rows-per-split N] [--max-image-pixels N] [--textvqa-annotations FILE] [--force]
         [--hf-dataset TASK=PATH --hf-columns question=q,answer=a,image=img]
 
 Layout of OUT (a contract with training and evaluation):
     OUT/<Task>/train/*.parquet   id, task, index, input_ids, labels, pixel_values, question, answer
     OUT/<Task>/test/*.parquet    question_id, task, index, input_ids, pixel_values, question, reference, size
     OUT/rejected.jsonl           one line per skipped record: task, split, id, index, kind, reason
-    OUT/manifest.json            {"version": 1, "content_hash", "tasks": {T: {split: {"rows", "rejected", ...}}},
-                                  "config": {...}, ...}
+    OUT/manifest.json            {"version": 1, "content_hash", "tasks": {T: {split: {"rows", "rejected", "bytes",
+                                  "bytes_per_row", ...}}}, "bytes_per_row": {T: ...}, "config": {...}, ...}
 Read the Parquet with `pipelines.load_split` (it selects the split's columns from the stored union schema).
 
-The driver reads and validates records (cheap); Ray Data decodes images and encodes rows in a pool of
-actors, each building the processor once, and writes Parquet. A rerun whose inputs and config hash to
-the manifest's `content_hash` returns the existing manifest; otherwise the run is written to a temp
-folder beside OUT and renamed into place, so OUT is never half-written.
+The driver parses the JSON listings; Ray tasks validate chunks of records (field checks, image path and stat),
+keeping the accepted items in the object store and sending the driver only verdicts and image fingerprints
+(for the content hash). A rerun whose inputs and config hash to the manifest's `content_hash` returns the
+existing manifest; otherwise Ray Data decodes and encodes the items in tasks, each worker process building
+the processor once, and each task writes its block's Parquet file (encoded pixels never cross the object store). The
+run is written to a temp folder beside OUT and renamed into place, so OUT is never half-written.
 """
 from __future__ import annotations
 
@@ -28,17 +30,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+import ray
 
 from pipelines import _hf
-from pipelines._encode import PARTITION_COLUMNS, Encoder, RejectionSink, stored_columns
+from pipelines._annotations import TEXTVQA, load_textvqa_answers, with_textvqa_answers
+from pipelines._encode import encode_blocks, prefetch_imports, stored_columns
 from pipelines._hashing import ContentHasher
 from pipelines._records import (DEFAULT_MAX_IMAGE_PIXELS, PipelineInputError, SplitRecords,
-                                read_json_list, split_files, validate_records)
+                                from_portable, merge_chunks, read_json_list, split_files, to_portable,
+                                validate_records)
 
 MANIFEST_VERSION = 1  # layout of manifest.json and of OUT
 ENCODING_VERSION = 1  # bump when the stored rows change for the same inputs (part of the content hash)
 SPLITS = ("train", "test")
+CHUNK_ROWS = 256  # most records per validation task; its accepted items are one block of the encoding stage
 HASH_METHOD = ("sha256 over: instruction JSON bytes; HF dataset folder files (bytes if <= 16 MiB, else "
                "size+mtime); per accepted image (relative path, size, mtime_ns); model folder files (same rule); "
                "preprocessing config")
@@ -74,14 +81,18 @@ def plan(
     max_rows: int | None = None,
     hf_datasets: Mapping[str, HFSource] | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    _validate: Callable[..., SplitRecords] = validate_records,
+    textvqa_annotations: str | Path | None = None,
 ) -> Plan:
-    """Read and validate every task's records and hash inputs + config (driver only, no Ray, no decoding).
+    """Read and validate every task's records and hash inputs + config (in this process, no Ray, no decoding;
+    `preprocess` passes `_validate` to run the validation in Ray tasks instead).
 
     instructions: folder with <Task>/train.json and <Task>/test.json (or val.json); may be None when every
     task comes from `hf_datasets`. images: the image root every record path is relative to.
     max_rows: keep at most this many valid records per split (the first ones). max_image_pixels: images
     with more pixels (width x height) are rejected as image_too_large (part of the hash: it decides which
-    rows survive).
+    rows survive). textvqa_annotations: the TextVQA annotation JSON; TextVQA test rows then carry its 10 human
+    answers as their reference (`pipelines._annotations`).
     """
     task_names = _check_args(tasks, max_length, max_rows, max_image_pixels)
     hf_datasets = dict(hf_datasets or {})
@@ -108,7 +119,11 @@ def plan(
         from coin_ray.models import VOCAB_WORDS
 
         hasher.add_json("tiny_vocabulary", list(VOCAB_WORDS))
-    splits = _read_tasks(task_names, instructions, image_root, hf_datasets, max_rows, hasher)
+    answers = None
+    if textvqa_annotations is not None and "TextVQA" in task_names:
+        answers, raw = load_textvqa_answers(textvqa_annotations)
+        hasher.add("textvqa_annotations", raw)
+    splits = _read_tasks(task_names, instructions, image_root, hf_datasets, max_rows, hasher, _validate, answers)
     config.update(instructions=None if instructions is None else str(Path(instructions).expanduser().resolve()),
                   images=str(image_root), hf_datasets={t: str(s.path) for t, s in sorted(hf_datasets.items())})
     return Plan(task_names, image_root, config, splits, hasher.hexdigest())
@@ -129,12 +144,13 @@ def preprocess(
     batch_size: int = 16,
     num_actors: int | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    textvqa_annotations: str | Path | None = None,
 ) -> dict[str, Any]:
     """Preprocess `tasks` into `out` and return the manifest (reused as is when the content hash matches).
 
-    Arguments as for `plan`; force: recompute even on a hash match; batch_size, num_actors (default: one
-    per CPU Ray reports) tune speed only and are not part of the hash. Starts a local Ray if none is
-    running, and stops what it started.
+    Arguments as for `plan`; force: recompute even on a hash match; batch_size, num_actors (concurrent
+    encoding tasks; default: one per CPU Ray reports) tune speed only and are not part of the hash. Starts
+    a local Ray if none is running, and stops what it started.
     """
     started = time.perf_counter()
     problems = [f"{name} must be >= 1, got {value}" for name, value in
@@ -143,33 +159,42 @@ def preprocess(
         raise PipelineInputError("; ".join(problems))
     out = Path(out).expanduser().resolve()
     _check_out_is_ours(out)
-    p = plan(instructions, images, tasks, model_source=model_source, model_kwargs=model_kwargs,
-             max_length=max_length, max_rows=max_rows, hf_datasets=hf_datasets, max_image_pixels=max_image_pixels)
+    validator = _RayValidator()  # starts Ray (if none is running) once the inputs are read without error
+    try:
+        p = plan(instructions, images, tasks, model_source=model_source, model_kwargs=model_kwargs,
+                 max_length=max_length, max_rows=max_rows, hf_datasets=hf_datasets,
+                 max_image_pixels=max_image_pixels, _validate=validator, textvqa_annotations=textvqa_annotations)
 
-    manifest_path = out / "manifest.json"
-    if not force and manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("content_hash") == p.content_hash and manifest.get("version") == MANIFEST_VERSION:
-            print(f"[preprocess] inputs unchanged (content hash {p.content_hash[:12]}): reusing {out}",
-                  file=sys.stderr)
-            return manifest
+        manifest_path = out / "manifest.json"
+        if not force and manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("content_hash") == p.content_hash and manifest.get("version") == MANIFEST_VERSION:
+                print(f"[preprocess] inputs unchanged (content hash {p.content_hash[:12]}): reusing {out}",
+                      file=sys.stderr)
+                return manifest
 
-    tmp = out.parent / f".{out.name}.tmp-{p.content_hash[:12]}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    encoder_rejections = _encode(p.splits, tmp, model_source, p.config["model_kwargs"], max_length, batch_size,
-                                 num_actors, max_image_pixels)
+        tmp = out.parent / f".{out.name}.tmp-{p.content_hash[:12]}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        encoder_rejections = _encode(p.splits, tmp, model_source, p.config["model_kwargs"], max_length, batch_size,
+                                     num_actors or validator.cpus or 1, max_image_pixels)
+    finally:
+        validator.close()
     rejections = [r.to_json() for s in p.splits for r in s.rejections] + encoder_rejections
     rejections.sort(key=lambda r: (p.tasks.index(r["task"]), SPLITS.index(r["split"]), r["index"]))
     with open(tmp / "rejected.jsonl", "w") as f:
         for r in rejections:
             f.write(json.dumps(r) + "\n")
 
+    summary = _split_summary(p.splits, rejections, tmp)
     manifest = {
         "version": MANIFEST_VERSION,
         "content_hash": p.content_hash,
         "hash_method": HASH_METHOD,
-        "tasks": _split_summary(p.splits, rejections, tmp),
+        "tasks": summary,
+        "bytes_per_row": {task: _per_row(sum(s["bytes"] for s in splits.values()),
+                                         sum(s["rows"] for s in splits.values()))
+                          for task, splits in summary.items()},
         "config": p.config,
         "columns": stored_columns(model_source),
         "rejected_file": "rejected.jsonl",
@@ -216,10 +241,12 @@ def _check_out_is_ours(out: Path) -> None:
 
 
 def _read_tasks(task_names: list[str], instructions: str | Path | None, image_root: Path,
-                hf_datasets: dict[str, HFSource], max_rows: int | None, hasher: ContentHasher) -> list[SplitRecords]:
+                hf_datasets: dict[str, HFSource], max_rows: int | None, hasher: ContentHasher,
+                validate: Callable[..., SplitRecords] = validate_records,
+                textvqa_answers: dict[str, list[str]] | None = None) -> list[SplitRecords]:
     from coin_ray.tasks import get_task
 
-    out: list[SplitRecords] = []
+    sources: list[tuple[str, str, str, Any, Any]] = []  # every file is read (and may fail) before any validation
     for task in task_names:
         reference = get_task(task).reference_from_record
         if task in hf_datasets:
@@ -227,78 +254,136 @@ def _read_tasks(task_names: list[str], instructions: str | Path | None, image_ro
             path = source.path.expanduser().resolve()
             hasher.add_tree(f"hf/{task}", path)
             for split, (hf_split, ds) in _hf.load_splits(path).items():
-                records = _hf.records(path, hf_split, ds, split, source.columns)
-                out.append(validate_records(task, split, f"{path}[{hf_split}]", records, image_root, reference,
-                                            max_rows))
+                records = list(_hf.records(path, hf_split, ds, split, source.columns))
+                sources.append((task, split, f"{path}[{hf_split}]", records, reference))
         else:
             for split, path in split_files(Path(instructions).expanduser(), task).items():
                 records, raw = read_json_list(path)
                 hasher.add(f"json/{task}/{split}", raw)
-                out.append(validate_records(task, split, str(path), records, image_root, reference, max_rows))
+                if task == TEXTVQA and split == "test":
+                    records = with_textvqa_answers(records, textvqa_answers, str(path))
+                sources.append((task, split, str(path), records, reference))
+    out = [validate(task, split, source, records, image_root, reference, max_rows)
+           for task, split, source, records, reference in sources]
     for s in out:
         hasher.add_fingerprints(f"images/{s.task}/{s.split}", s.fingerprint)
     return out
 
 
+class _RayValidator:
+    """`validate_records` over chunks of a split in Ray tasks, which keep the accepted items in the object store.
+
+    The driver gets back only each chunk's verdicts (rejections, accepted indices, image fingerprints); with
+    max_rows, chunks go out a wave at a time and stop once enough records are accepted. The first call
+    starts a local Ray if none is running (`close` stops it) and has every worker process start importing
+    the encoder's libraries, which overlaps with validation and with Ray Data's own start."""
+
+    def __init__(self) -> None:
+        self.cpus = 0
+        self._own_ray = False
+
+    def _start(self) -> None:
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+            self._own_ray = True
+        self.cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        for _ in range(self.cpus):  # one per worker process, most likely (each holds a CPU for a moment)
+            _prefetch.remote()
+
+    def close(self) -> None:
+        if self._own_ray:
+            ray.shutdown()
+            self._own_ray = False
+
+    def __call__(self, task: str, split: str, source: str, records: list[Any], image_root: Path, reference: Any,
+                 max_rows: int | None) -> SplitRecords:
+        if not self.cpus:
+            self._start()
+        size = max(16, min(CHUNK_ROWS, math.ceil(len(records) / (4 * self.cpus))))
+        starts = list(range(0, len(records), size))
+        wave = len(starts) if max_rows is None else 2 * self.cpus
+        metas: list[SplitRecords] = []
+        blocks: list[Any] = []
+        for w in range(0, len(starts), max(1, wave)):
+            refs = [_validate_chunk.remote(task, split, source, to_portable(records[i:i + size]), image_root, i)
+                    for i in starts[w:w + wave]]
+            metas += ray.get([meta for meta, _ in refs])
+            blocks += [block for _, block in refs]
+            if max_rows is not None and sum(m.count for m in metas) >= max_rows:
+                break
+        merged, keep = merge_chunks(task, split, source, metas, max_rows)
+        merged.blocks = [block if n == meta.count else _head.remote(block, n)
+                         for block, meta, n in zip(blocks, metas, keep) if n]
+        return merged
+
+
+@ray.remote(num_returns=2)
+def _validate_chunk(task: str, split: str, source: str, portable: list[Any], image_root: Path,
+                    start: int) -> tuple[SplitRecords, Any]:
+    import pyarrow as pa
+
+    from coin_ray.tasks import get_task
+    from pipelines._encode import ITEM_SCHEMA
+
+    checked = validate_records(task, split, source, from_portable(portable), image_root,
+                               get_task(task).reference_from_record, start=start)
+    table = pa.Table.from_pylist(checked.items, schema=ITEM_SCHEMA)
+    checked.items = []
+    return checked, table
+
+
+@ray.remote
+def _prefetch() -> None:
+    prefetch_imports()
+
+
+@ray.remote
+def _head(table: Any, n: int) -> Any:
+    return table.slice(0, n)
+
+
 def _encode(splits: list[SplitRecords], tmp: Path, model_source: str, model_kwargs: dict[str, Any],
-            max_length: int, batch_size: int, num_actors: int | None,
+            max_length: int, batch_size: int, workers: int,
             max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[dict[str, Any]]:
-    """Run the Ray Data stage over every accepted item; returns the encoder's rejections."""
-    import ray
+    """Run the Ray Data stage over every accepted item (the blocks the validation tasks left in the object
+    store): each task encodes one block and writes its Parquet file, so encoded pixels never cross the object
+    store and only small summaries come back. Returns the encoder's rejections. Needs a running Ray."""
     import ray.data
 
-    items = [item for s in sorted(splits, key=lambda s: SPLITS.index(s.split)) for item in s.items]
-    if not items:
+    blocks = [b for s in sorted(splits, key=lambda s: SPLITS.index(s.split)) for b in s.blocks]
+    if not blocks:
         return []
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(include_dashboard=False, log_to_driver=False)
-    try:
-        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-        n_batches = math.ceil(len(items) / batch_size)
-        actors = max(1, min(num_actors or cpus, n_batches))
-        ctx = ray.data.DataContext.get_current()
-        old_order = ctx.execution_options.preserve_order
-        ctx.execution_options.preserve_order = True  # same inputs -> same row order in the files
-        sink = RejectionSink.remote()
-        try:
-            ds = ray.data.from_items(items, override_num_blocks=min(n_batches, 4 * actors))
-            ds = ds.map_batches(
-                Encoder,
-                fn_constructor_kwargs={"model_source": model_source, "model_kwargs": model_kwargs,
-                                       "max_length": max_length, "sink": sink,
-                                       "max_image_pixels": max_image_pixels},
-                batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-                num_cpus=1,
-            )
-            # The writer takes no CPU of its own: the encoder actors hold every core, and a 1-CPU writer would
-            # wait for them to finish, buffering every encoded row in the object store instead of streaming.
-            ds.write_parquet(str(tmp), partition_cols=PARTITION_COLUMNS, partitioning_flavor=None,
-                             ray_remote_args={"num_cpus": 0})
-            return ray.get(sink.drain.remote())
-        finally:
-            ctx.execution_options.preserve_order = old_order
-            ray.kill(sink)
-    finally:
-        if own_ray:
-            ray.shutdown()
+    summaries = ray.data.from_arrow_refs(blocks).map_batches(
+        encode_blocks, batch_size=None, batch_format="pyarrow", num_cpus=1, concurrency=workers,
+        fn_kwargs={"model_source": model_source, "model_kwargs": model_kwargs, "max_length": max_length,
+                   "max_image_pixels": max_image_pixels, "out": str(tmp), "batch_size": batch_size},
+    ).take_all()
+    return [r for summary in summaries for r in json.loads(summary["rejected"])]
+
+
+def _per_row(nbytes: int, rows: int) -> float | None:
+    return round(nbytes / rows, 1) if rows else None
 
 
 def _split_summary(splits: list[SplitRecords], rejections: list[dict[str, Any]], tmp: Path) -> dict[str, Any]:
-    """Per task/split: kept rows (read from the Parquet footers), rejected count and kinds, source."""
+    """Per task/split: kept rows (read from the Parquet footers), rejected count and kinds, source, Parquet
+    bytes and bytes per row (None for no rows)."""
     import pyarrow.parquet as pq
 
     summary: dict[str, Any] = {}
     for s in splits:
         folder = tmp / s.task / s.split
         folder.mkdir(parents=True, exist_ok=True)  # an all-rejected split still has its folder
-        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(folder.glob("*.parquet")))
+        files = sorted(folder.glob("*.parquet"))
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+        nbytes = sum(p.stat().st_size for p in files)
         kinds: dict[str, int] = {}
         for r in rejections:
             if r["task"] == s.task and r["split"] == s.split:
                 kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
         summary.setdefault(s.task, {})[s.split] = {
-            "rows": rows, "rejected": sum(kinds.values()), "rejected_kinds": kinds, "source": s.source}
+            "rows": rows, "rejected": sum(kinds.values()), "rejected_kinds": kinds, "source": s.source,
+            "bytes": nbytes, "bytes_per_row": _per_row(nbytes, rows)}
     return summary
 
 
@@ -336,13 +421,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-rows-per-split", type=int, default=None, help="keep the first N valid records per split")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="reject images with more pixels (width x height) as image_too_large (default: %(default)d)")
+    parser.add_argument("--textvqa-annotations", default=None, metavar="FILE",
+                        help="TextVQA annotation JSON: TextVQA test rows are scored against its 10 human answers")
     parser.add_argument("--force", action="store_true", help="recompute even when the content hash matches")
     parser.add_argument("--hf-dataset", action="append", default=[], metavar="TASK=PATH",
                         help="read TASK from a datasets.save_to_disk folder (repeatable)")
     parser.add_argument("--hf-columns", default=None, metavar="FIELD=COL,...",
                         help="CoIN field -> HF column, e.g. question=q,answer=a,image=img,id=qid")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per encoder batch")
-    parser.add_argument("--num-actors", type=int, default=None, help="encoder actors (default: one per CPU)")
+    parser.add_argument("--num-actors", type=int, default=None,
+                        help="concurrent encoding tasks (default: one per CPU in the Ray cluster)")
     args = parser.parse_args(argv)
     try:
         try:
@@ -355,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.instructions, args.images, args.tasks, args.out, model_source=args.model,
             model_kwargs=model_kwargs, max_length=args.max_length, max_rows=args.max_rows_per_split,
             force=args.force, hf_datasets=_parse_hf(args.hf_dataset, args.hf_columns),
-            batch_size=args.batch_size, num_actors=args.num_actors, max_image_pixels=args.max_image_pixels)
+            batch_size=args.batch_size, num_actors=args.num_actors, max_image_pixels=args.max_image_pixels,
+            textvqa_annotations=args.textvqa_annotations)
     except PipelineInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ continual-learning method is robust to the order?
     python sweeps/task_order.py --smoke-test     # all 6 orders of 3 tasks, tiny budgets (minutes)
     python sweeps/task_order.py --smoke-test --seeds 2 --methods lora,moelora,olora,ewc,lwf
     python sweeps/task_order.py --config configs/coin_llava7b.yaml --address auto --gpus-per-worker 1
+    python sweeps/task_order.py --design given --orders 'ScienceQA>TextVQA>ImageNet' \
+        --grid train.replay_per_task=0,100,500,1000 --baselines joint    # CoIN's replay study and the bound
 
 One Tune trial per (order, seed[, method]); each trial is one Ray Train run carrying every stage of its order;
 results go to MLflow (a parent run per sweep, a child run per trial) and to --storage-path.
@@ -12,6 +14,7 @@ results go to MLflow (a parent run per sweep, a child run per trial) and to --st
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -34,6 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      "+replay (default: the config's tuner.method and cl.method)")
     p.add_argument("--optuna-goal", choices=("worst", "best"), default="worst",
                    help="--design optuna searches for the order with the worst or the best --metric")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="run every order with each value of a config field (repeatable), e.g. "
+                        "--grid train.replay_per_task=100,500,1000 or --grid data.train_fraction=0.1,0.5,1")
+    p.add_argument("--baselines", choices=("joint",), nargs="+", default=[],
+                   help="joint: add the multitask upper bound (one stage on the union of the tasks, evaluated "
+                        "on every task; tagged coin_ray.baseline=joint in MLflow); the analysis reports each "
+                        "order's gap to it")
     cli.add_common_args(p)
     return p.parse_args(argv)
 
@@ -57,6 +67,9 @@ def plan(args: argparse.Namespace):
     if methods and kind == "optuna":
         raise cli.UsageError("--methods crosses a fixed order design with the methods; --design optuna searches "
                              "orders of one method (set it with --set tuner.method=... / cl.method=...)")
+    if args.baselines and kind == "optuna":
+        raise cli.UsageError("--baselines is for the fixed designs (latin, williams, all, random N, given): "
+                             "--design optuna samples its orders")
     tasks = list(cfg.order)
     orders = None
     if kind != "optuna":
@@ -73,6 +86,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     cfg, design, kind, count, orders, methods = plan(args)
+    grid = cli.parse_grid(args.grid, cfg)
     tasks = list(cfg.order)
     seeds = list(range(args.seeds))
 
@@ -96,25 +110,31 @@ def main(argv=None) -> None:
         spec_kwargs = dict(param_space={space.SEED_KEY: tune.grid_search(seeds)})
         if methods:
             spec_kwargs["param_space"][space.METHOD_KEY] = tune.grid_search(methods)
+    spec_kwargs["param_space"].update({space.hp(key): tune.grid_search(values) for key, values in grid.items()})
     name = args.name or (cli.default_sweep_name("task_order", kind, count, tasks, args)
                          + (f"-{'_'.join(methods)}" if methods else ""))
     preflight(cfg, args)
     prepared = prepare(cfg, args)
     if orders is not None:
-        per_order = len(seeds) * len(methods or [None])
+        cells = len(seeds) * math.prod(len(v) for v in grid.values())
+        per_order = cells * len(methods or [None])
+        n_stages = len(orders) * per_order * len(tasks)
         by_method = f" x {len(methods)} methods" if methods else ""
-        print(f"[coin-ray] sweep {name}: {len(orders)} orders x {len(seeds)} seeds{by_method} = "
-              f"{len(orders) * per_order} trials, {len(orders) * per_order * len(tasks)} stages "
-              f"({designs.distinct_prefixes(orders) * per_order} distinct with the stage cache)")
+        print(f"[coin-ray] sweep {name}: {len(orders)} orders x {cells} seeds/grid values{by_method} = "
+              f"{len(orders) * per_order} trials, {n_stages} stages ({designs.distinct_prefixes(orders) * per_order} "
+              "distinct with the stage cache)" + (f", plus {per_order} joint-bound trials" if args.baselines else ""))
     concurrency = cli.default_concurrency(cfg, args.max_concurrent_trials, prepared)
     if orders is not None:  # trials start in this order: shared prefixes trained once, trials at once rarely wait
         spec_kwargs["param_space"][space.ORDER_KEY] = tune.grid_search(
-            [">".join(o) for o in designs.schedule_for_sharing(orders, concurrency)])
+            [">".join(o) for o in designs.schedule_for_sharing(orders, concurrency)]
+            + ([space.JOINT] if "joint" in args.baselines else []))
     spec = SweepSpec(name=name, base=cfg, max_concurrent_trials=concurrency,
                      resume=args.resume, tracking=not args.no_tracking, verbose=args.verbose,
                      sweep_params={"design": " ".join(design), "tasks": ",".join(tasks), "seeds": args.seeds,
                                    "metric": args.metric, "orders": len(orders) if orders else count,
                                    **({"methods": ",".join(methods)} if methods else {}),
+                                   **({"grid": " ".join(args.grid)} if args.grid else {}),
+                                   **({"baselines": ",".join(args.baselines)} if args.baselines else {}),
                                    **{k: v for k, v in cfg.flatten().items() if k != "order"}},
                      **spec_kwargs)
     outcome = run_sweep(spec, prepared)

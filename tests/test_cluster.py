@@ -114,7 +114,7 @@ def test_without_address_a_sweep_starts_its_own_ray_even_after_a_head_died(tmp_p
         _stop_cluster(temp)  # the head is gone; /tmp/ray/ray_current_cluster still names it
     probe = ("import argparse, ray\n"
              "from coin_ray.studies import cli\n"
-             "cli.init_ray(argparse.Namespace(address=None, num_cpus=1))\n"
+             "cli.init_ray(argparse.Namespace(address=None, num_cpus=1, verbose=False))\n"
              "print('CPU', ray.cluster_resources().get('CPU'))\n")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=180)

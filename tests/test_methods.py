@@ -123,7 +123,7 @@ def test_ewc_penalty_is_zero_at_the_previous_optimum_and_grows_with_the_distance
     later = build_method(cfg)  # a later stage, from the stored checkpoint (resume, stage cache)
     later.start_stage(model, 1, tmp_path)
     assert (tmp_path / FISHER_FILE).is_file() and any(f.sum() > 0 for f in later.fisher.values())
-    assert float(later.extra_loss(model, {}, None)) == 0.0
+    assert float(later.extra_loss(model, {}, None).detach()) == 0.0
     direction = {n: torch.randn_like(p) for n, p in trainable_state_dict(model).items()}
 
     def penalty_at(t: float) -> float:
@@ -131,7 +131,7 @@ def test_ewc_penalty_is_zero_at_the_previous_optimum_and_grows_with_the_distance
             for n, p in model.named_parameters():
                 if n in direction:
                     p.copy_(later.anchor[n] + t * direction[n])
-        return float(later.extra_loss(model, {}, None))
+        return float(later.extra_loss(model, {}, None).detach())
 
     p1, p2, p3 = penalty_at(1.0), penalty_at(2.0), penalty_at(3.0)
     assert 0 < p1 < p2 < p3

@@ -2,7 +2,7 @@
 
 The fast tier checks the driver-side rules (path escapes, bad records, bad files, hashing) without Ray.
 The integration tier runs the real pipeline on a local 2-CPU Ray cluster once per module (one fixture run
-serves most assertions: starting encoder actors costs ~10 s each on this machine).
+serves most assertions: a worker process importing torch and transformers costs seconds on this machine).
 """
 from __future__ import annotations
 
@@ -291,6 +291,39 @@ def test_max_image_pixels_is_checked_and_part_of_the_hash(tmp_path: Path) -> Non
         ExperimentConfig.from_dict({"data.max_image_pixels": 0})
 
 
+def test_chunked_validation_matches_one_loop(tmp_path: Path) -> None:
+    """The Ray validation tasks' chunks, merged, give what one loop over the file gives, with any row cap."""
+    import pickle
+
+    from pipelines._records import from_portable, merge_chunks, to_portable
+
+    instr, images = make_coin(tmp_path)
+    records, _ = read_json_list(instr / "ScienceQA" / "train.json")
+    root, ref = images.resolve(), get_task("ScienceQA").reference_from_record
+    for size in (1, 3, 5, 100):
+        for max_rows in (None, 1, 2, 3, 7, 8, 50):
+            whole = validate_records("ScienceQA", "train", "x", records, root, ref, max_rows)
+            chunks = [validate_records("ScienceQA", "train", "x", records[i:i + size], root, ref, start=i)
+                      for i in range(0, len(records), size)]
+            merged, keep = merge_chunks("ScienceQA", "train", "x", chunks, max_rows)
+            items = [item for c, n in zip(chunks, keep) for item in c.items[:n]]
+            assert (merged.rejections, merged.fingerprint, merged.accepted, items) == (
+                whole.rejections, whole.fingerprint, whole.accepted, whole.items), (size, max_rows)
+    # HF records keep their embedded-image reference through the pickling into a task (and nothing else does)
+    hf = make_hf(tmp_path, images)
+    from pipelines import HFSource, plan
+
+    train = plan(None, images, ["VQAv2"], hf_datasets={"VQAv2": HFSource(hf, HF_COLUMNS)}).splits[0]
+    from pipelines import _hf
+
+    ds = _hf.load_splits(hf)["train"][1]
+    hf_records = list(_hf.records(hf, "train", ds, "train", HF_COLUMNS))
+    shipped = from_portable(pickle.loads(pickle.dumps(to_portable(hf_records))))
+    again = validate_records("VQAv2", "train", "x", shipped, root, get_task("VQAv2").reference_from_record)
+    assert again.items == train.items and again.rejections == train.rejections
+    assert from_portable(pickle.loads(pickle.dumps(to_portable(records)))) == records
+
+
 def test_content_hasher_separates_parts() -> None:
     a, b = ContentHasher(), ContentHasher()
     a.add("x", b"ab"), a.add("y", b"c")
@@ -314,7 +347,7 @@ def test_cli_reports_input_errors_without_traceback(tmp_path: Path, capsys) -> N
 
 @pytest.fixture(scope="module")
 def coin_run(ray_cluster, tmp_path_factory):
-    """One real run over ScienceQA + Grounding (JSON) and VQAv2 (HF dataset), with two encoder actors."""
+    """One real run over ScienceQA + Grounding (JSON) and VQAv2 (HF dataset), two encoding tasks at a time."""
     from pipelines import HFSource
 
     root = tmp_path_factory.mktemp("coin")
@@ -344,6 +377,31 @@ def test_rows_manifest_and_rejections(coin_run) -> None:
     assert all(set(r) >= {"task", "split", "index", "reason"} for r in rejected)
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert not list(root.glob(".out.*"))  # temp folders renamed or removed
+
+
+@pytest.mark.integration
+def test_ray_validation_gives_the_same_one_line_errors_and_bytes_per_row(coin_run) -> None:
+    """Validation in Ray tasks rejects the same records with the same reasons as `plan` in this process, and
+    the manifest records Parquet bytes per row per split and per task."""
+    from pipelines import plan
+
+    root, instr, images, hf, out, manifest = coin_run
+    local = plan(instr, images, "ScienceQA,Grounding,VQAv2", model_kwargs=TINY, max_length=256, hf_datasets=hf)
+    assert local.content_hash == manifest["content_hash"]  # the same fingerprints reached the hash
+    expected = [r.to_json() for s in local.splits for r in s.rejections]
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [r for r in rejected if r["kind"] != "unreadable_image"] == sorted(
+        expected, key=lambda r: (local.tasks.index(r["task"]), ("train", "test").index(r["split"]), r["index"]))
+    assert all(r["reason"] and "\n" not in r["reason"] for r in rejected)
+    for task, splits in manifest["tasks"].items():
+        nbytes = 0
+        for split, info in splits.items():
+            files = list((out / task / split).glob("*.parquet"))
+            assert info["bytes"] == sum(f.stat().st_size for f in files) > 0
+            assert info["bytes_per_row"] == pytest.approx(info["bytes"] / info["rows"], abs=0.1)
+            nbytes += info["bytes"]
+        rows = sum(info["rows"] for info in splits.values())
+        assert manifest["bytes_per_row"][task] == pytest.approx(nbytes / rows, abs=0.1)
 
 
 @pytest.mark.integration
@@ -414,3 +472,48 @@ def test_hf_dataset_rows(coin_run) -> None:
     rows = sorted(load_split(out, "VQAv2", "train").take_all(), key=lambda r: r["index"])
     assert [r["id"] for r in rows] == ["h0", "h1"] and [r["answer"] for r in rows] == ["yes", "no"]
     assert rows[0]["pixel_values"].shape == (3, 16, 16)
+
+
+def _textvqa(root: Path) -> tuple[Path, Path, Path]:
+    """A TextVQA folder whose test.json holds one answer per question, and an annotation file with 10."""
+    images, instr = root / "images", root / "Instructions"
+    for i in range(2):
+        _image(images / "tv" / f"{i}.png", color=(90, 20 * i, 200))
+    (instr / "TextVQA").mkdir(parents=True)
+    (instr / "TextVQA" / "train.json").write_text(json.dumps([_train(i, f"tv/{i}.png", answer="coke") for i in range(2)]))
+    (instr / "TextVQA" / "test.json").write_text(json.dumps(
+        [{"question_id": 7, "image": "tv/0.png", "text": "What brand is it?\nAnswer the question using a single word "
+          "or phrase.", "answer": "pepsi"}]))
+    annotations = root / "TextVQA_0.5.1_val.json"
+    annotations.write_text(json.dumps({"data": [
+        {"question_id": 7, "answers": ["coke", "coke", "coke", "pepsi", "pepsi", "pepsi", "pepsi", "pepsi",
+                                       "pepsi", "pepsi"]}]}))
+    return instr, images, annotations
+
+
+@pytest.mark.integration
+def test_textvqa_test_rows_carry_the_ten_human_answers_and_score_softly(ray_cluster, tmp_path: Path, capsys) -> None:
+    """With the annotation file the preprocessed TextVQA test rows hold its 10 answers in `reference`, and an
+    answer given by 3 of 10 annotators scores 0.9 (VQA accuracy averaged over the 10 leave-one-out subsets);
+    without it, a warning says TextVQA falls back to exact match against test.json's single answer."""
+    import pyarrow.parquet as pq
+
+    from coin_ray.tasks import get_task
+
+    instr, images, annotations = _textvqa(tmp_path)
+    preprocess(instr, images, "TextVQA", tmp_path / "out", model_kwargs=TINY, max_length=256, batch_size=4,
+               num_actors=1, textvqa_annotations=annotations)
+    rows = pq.read_table(tmp_path / "out" / "TextVQA" / "test").to_pylist()
+    (row,) = rows
+    reference = json.loads(row["reference"]) if isinstance(row["reference"], str) else row["reference"]
+    assert len(reference) == 10 and reference.count("coke") == 3
+    task = get_task("TextVQA")
+    assert task.score("coke", reference) == pytest.approx(0.9)
+    assert task.score("pepsi", reference) == pytest.approx(1.0)
+    capsys.readouterr()
+    preprocess(instr, images, "TextVQA", tmp_path / "plain", model_kwargs=TINY, max_length=256, batch_size=4,
+               num_actors=1)
+    assert "TextVQA falls back to exact match" in capsys.readouterr().err
+    (plain,) = pq.read_table(tmp_path / "plain" / "TextVQA" / "test").to_pylist()
+    plain_ref = json.loads(plain["reference"]) if plain["reference"].startswith(("[", '"')) else plain["reference"]
+    assert task.score("coke", plain_ref) == 0.0 and task.score("pepsi", plain_ref) == 1.0

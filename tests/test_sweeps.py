@@ -296,7 +296,7 @@ def test_task_order_smoke_sweep_compares_methods(tmp_path):
                 "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri, "--experiment", "methods", *TINY,
                 cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 orders x 1 seeds x 2 methods = 4 trials" in proc.stdout
+    assert "2 orders x 1 seeds/grid values x 2 methods = 4 trials" in proc.stdout
     # the two orders share no prefix, and a stage of one method is never served to the other
     assert "stages trained: 8, stages reused from the stage store: 0" in proc.stdout
     assert "Order robustness per method" in proc.stdout

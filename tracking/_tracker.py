@@ -62,12 +62,18 @@ def trial_params(info: RunInfo) -> dict[str, Any]:
     return params
 
 
+BASELINE_TAG = "coin_ray.baseline"
+
+
 def trial_setting_tags(info: RunInfo) -> dict[str, str]:
     """Tags `coin_ray.setting.<key>` for the config fields that do not change a result (storage path, ...)."""
     from coin_ray.identity import NON_RESULT_FIELDS
 
     settings = redact_params({k: v for k, v in info.params.items() if k in NON_RESULT_FIELDS and k != "name"})
-    return {SETTING_TAG_PREFIX + k: str(v)[:5000] for k, v in settings.items()}
+    tags = {SETTING_TAG_PREFIX + k: str(v)[:5000] for k, v in settings.items()}
+    if info.params.get("train.joint"):  # the multitask upper bound: no order of its own
+        tags[BASELINE_TAG] = "joint"
+    return tags
 
 
 def predictions_jsonl(predictions: Sequence[Mapping[str, Any]], max_per_task: int) -> bytes:
@@ -115,6 +121,7 @@ class MlflowTracker:
         self._client: MlflowClient | None = None
         self._outbox: Outbox | None = None
         self._order: tuple[str, ...] = ()
+        self._joint = False
         self._rows: list[dict[str, float | None]] = []
         self._knowledge_rows: list[dict[str, float | None]] = []
         self._zero_shot: dict[str, float | None] | None = None
@@ -129,6 +136,7 @@ class MlflowTracker:
         from coin_ray.identity import run_key
 
         self._order = tuple(info.order)
+        self._joint = bool(info.params.get("train.joint"))  # one stage trains every task
         self._rows, self._knowledge_rows = [], []
         self.run_key = self.run_key or run_key(self.run_name, info.params, info.data_hash)
         client = self._client = MlflowClient(self.tracking_uri)
@@ -157,7 +165,7 @@ class MlflowTracker:
 
     def on_stage_end(self, report: StageReport) -> None:
         k = report.stage
-        seen = self._order[: k + 1]
+        seen = self._order if self._joint else self._order[: k + 1]
         values: dict[str, Any] = {f"acc/{t}": v for t, v in report.scores.items()}
         values["avg_seen_acc"] = mean_seen(report.scores, seen)
         if report.knowledge is not None:

@@ -15,9 +15,23 @@ import torch
 from coin_ray.tasks import get_task
 
 
+def test_subset(split_dir: str | Path, task: str, max_rows: int | None, seed: int = 0) -> Any:
+    """The `index` values of the test rows evaluated: all (None) when the split has at most `max_rows`, else a
+    seeded random subset of `max_rows` (CoIN's "slim" sets are random): the same rows in every trial of a
+    sweep, since `seed` is data.seed, not the trial's train.seed."""
+    from coin_ray.training.data_order import derived_seed, split_indices, subset_indices
+
+    if max_rows is None:
+        return None
+    indices = split_indices(split_dir)
+    return None if max_rows >= len(indices) else set(subset_indices(indices, task, derived_seed(seed, "test"),
+                                                                    max_rows).tolist())
+
+
 def iter_test_batches(split_dir: str | Path, batch_size: int, rank: int = 0, world: int = 1,
-                      max_rows: int | None = None) -> Iterator[dict[str, Any]]:
-    """Stream a preprocessed test split (Parquet written by `pipelines`) in batches, this rank's rows only."""
+                      max_rows: int | None = None, *, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Stream a preprocessed test split (Parquet written by `pipelines`) in batches, this rank's rows only;
+    with `max_rows`, only the rows of `test_subset` (a seeded random subset)."""
     import pyarrow.dataset as pads
 
     import ray.data  # noqa: F401  (registers Ray's Arrow tensor extension types used by pixel_values)
@@ -26,22 +40,23 @@ def iter_test_batches(split_dir: str | Path, batch_size: int, rank: int = 0, wor
     if not files:
         raise FileNotFoundError(f"no Parquet files in {split_dir}: run pipelines/preprocess.py for this task first")
     dataset = pads.dataset(files, format="parquet")
-    index = 0
+    keep = None
+    if max_rows is not None:
+        task = dataset.to_table(columns=["task"]).column("task")
+        keep = test_subset(split_dir, str(task[0]) if len(task) else "", max_rows, seed)
+    position = 0
     pending: list[dict[str, Any]] = []
     for record_batch in dataset.to_batches(batch_size=max(batch_size * world, 64)):
         columns = {name: _column_values(record_batch.column(name)) for name in record_batch.schema.names}
-        n = record_batch.num_rows
-        for i in range(n):
-            if max_rows is not None and index >= max_rows:
-                break
-            if index % world == rank:
+        for i in range(record_batch.num_rows):
+            if keep is not None and columns["index"][i] not in keep:
+                continue
+            if position % world == rank:
                 pending.append({name: values[i] for name, values in columns.items()})
-            index += 1
+            position += 1
             if len(pending) == batch_size:
                 yield _stack(pending)
                 pending = []
-        if max_rows is not None and index >= max_rows:
-            break
     if pending:
         yield _stack(pending)
 
@@ -62,8 +77,8 @@ def _stack(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def evaluate_task(model: torch.nn.Module, processor: Any, task: str, split_dir: str | Path, *,
                   batch_size: int, device: torch.device, rank: int = 0, world: int = 1,
-                  max_rows: int | None = None, judge: Any = None, max_predictions: int = 20,
-                  autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
+                  max_rows: int | None = None, subset_seed: int = 0, judge: Any = None,
+                  max_predictions: int = 20, autocast_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """One evaluation cell: mean task score in [0, 1] over the split, the mean judge score, judge failures, and
     up to `max_predictions` sample predictions.
 
@@ -76,7 +91,7 @@ def evaluate_task(model: torch.nn.Module, processor: Any, task: str, split_dir: 
     spec = get_task(task)
     rows: list[dict[str, Any]] = []
     model.eval()
-    for batch in iter_test_batches(split_dir, batch_size, rank, world, max_rows):
+    for batch in iter_test_batches(split_dir, batch_size, rank, world, max_rows, seed=subset_seed):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             replies = generate_batch(model, processor, [list(map(int, ids)) for ids in batch["input_ids"]],
                                      batch["pixel_values"], max_new_tokens=spec.max_new_tokens,

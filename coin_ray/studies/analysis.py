@@ -226,3 +226,25 @@ def format_analysis(a: OrderAnalysis, metric: str = "mfn") -> str:
         parts += ["", "Carry-over: drop of A's score when B is trained right after A (rows A, cols B):",
                   a.carry_over.to_string(float_format=fmt)]
     return "\n".join(parts)
+
+
+def joint_gaps(trials: Sequence[dict[str, Any]], joint: Sequence[dict[str, Any]], metric: str = "mfn") -> pd.DataFrame:
+    """Each order's gap to the joint multitask bound: per order (mean over its seeds) the `metric`, the joint
+    bound's `metric` (mean over the joint trials' seeds) and their difference (order minus joint: negative
+    = below the bound), plus the same for the final per-task scores' mean (mfn)."""
+    bound = {m: float(np.nanmean([t["metrics"].get(m, np.nan) for t in joint])) for m in (metric, "mfn")}
+    rows = []
+    for order, group in pd.DataFrame([{"order": ">".join(t["order"]), "value": t["metrics"].get(metric, np.nan),
+                                       "mfn": t["metrics"].get("mfn", np.nan)} for t in trials]).groupby("order"):
+        row = {"order": order, metric: group["value"].mean(), f"joint_{metric}": bound[metric],
+               f"gap_{metric}": group["value"].mean() - bound[metric]}
+        if metric != "mfn":
+            row.update(mfn=group["mfn"].mean(), joint_mfn=bound["mfn"], gap_mfn=group["mfn"].mean() - bound["mfn"])
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(f"gap_{metric}", ascending=False).reset_index(drop=True)
+
+
+def format_joint_gaps(gaps: pd.DataFrame, metric: str = "mfn") -> str:
+    fmt = lambda x: f"{x:.3f}"  # noqa: E731
+    return (f"Gap to the joint multitask bound ({metric}; order minus joint, negative = below the bound):\n"
+            + gaps.to_string(index=False, float_format=fmt))

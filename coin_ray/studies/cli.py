@@ -33,6 +33,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smoke-test", action="store_true", help="3 tasks, tiny budgets: a minutes-long check")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set tuner.rank=32 --set train.lr=1e-3")
+    g.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate the untrained model first (the zero-shot row; needed for fwt); default: on for "
+                        "benchmark coin, else eval.zero_shot")
     g.add_argument("--no-cache", action="store_true", help="do not share or reuse stages across trials/sweeps")
     g.add_argument("--name", help="sweep name (default derived from the script and options; deterministic)")
     s = p.add_argument_group("scale")
@@ -129,6 +132,24 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_grid(pairs: list[str], cfg: ExperimentConfig) -> dict[str, list[Any]]:
+    """`--grid KEY=V1,V2,...` pairs: config field -> the values a sweep runs every trial with (each checked
+    against the field now, e.g. --grid train.replay_per_task=100,500,1000)."""
+    out: dict[str, list[Any]] = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        key = key.strip()
+        values = [parse_override(key, v.strip()) for v in text.split(",") if v.strip()]
+        if not eq or not key or not values:
+            raise UsageError(f"--grid takes KEY=V1,V2,..., got {pair!r} (e.g. --grid train.replay_per_task=100,500,1000)")
+        if key == "order" or "." not in key:
+            raise UsageError(f"--grid {key}: grid a section field (section.field); orders come from --design")
+        for value in values:
+            cfg.replace(**{key: value})  # ConfigError naming the key or the value
+        out[key] = values
+    return out
+
+
 def build_base_config(args: argparse.Namespace, *, default_experiment: str) -> ExperimentConfig:
     """Defaults < --config YAML < --smoke-test preset < flags. Every problem is reported together (ConfigError)."""
     check_common_args(args)
@@ -140,6 +161,10 @@ def build_base_config(args: argparse.Namespace, *, default_experiment: str) -> E
         raw.update(dotted(load_yaml_file(path)))
     if args.smoke_test:
         raw.update(preset(SMOKE_CONFIG_PRESET if args.config else SMOKE_PRESET))
+    if raw.get("data.benchmark") == "coin":
+        raw.setdefault("eval.zero_shot", True)  # real CoIN reports the zero-shot row beside the matrix
+    if getattr(args, "zero_shot", None) is not None:
+        raw["eval.zero_shot"] = args.zero_shot
     if args.tasks:
         raw["order"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.workers_per_trial is not None:

@@ -12,8 +12,8 @@ from coin_ray.config import ExperimentConfig
 from coin_ray.training.types import PreparedData
 from coin_ray.redact import redact_text
 from coin_ray.studies import cli
-from coin_ray.studies.analysis import (analyse_methods, analyse_orders, format_analysis, format_methods,
-                                      order_skip_reason)
+from coin_ray.studies.analysis import (analyse_methods, analyse_orders, format_analysis, format_joint_gaps,
+                                      format_methods, joint_gaps, order_skip_reason)
 from coin_ray.studies.hparam_analysis import (NoFinishedTrials, analyse_hparams, describe_space, format_hparams,
                                               hparam_figures, hparam_tables, lower_is_better)
 from coin_ray.studies.runner import SweepOutcome, SweepSpec, trials_table
@@ -74,10 +74,18 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
               "the avg_seen_acc it was compared by) ===")
         print(table.loc[partial, [c for c in stopped_cols if c in table.columns]].to_string(index=False,
                                                                                           float_format=fmt))
-    finished = [t for t in outcome.trials if t["matrix"] is not None]
+    done = [t for t in outcome.trials if t["matrix"] is not None]
+    # the joint bound has no order: it is kept out of the order analysis, which reports each order's gap to it
+    joint = [t for t in done if t.get("baseline") == "joint"]
+    finished = [t for t in done if t.get("baseline") is None]
     tables, figures, summaries = {}, {}, []
     metrics = {"stages_trained": outcome.stages_trained, "stages_reused": outcome.stages_reused,
-               "trials_finished": len(finished), "trials": len(outcome.trials), "trials_partial": int(partial.sum())}
+               "trials_finished": len(done), "trials": len(outcome.trials), "trials_partial": int(partial.sum())}
+    if joint and finished:
+        gaps = joint_gaps(finished, joint, metric)
+        summaries.append(format_joint_gaps(gaps, metric))
+        tables["joint_gap"] = gaps.set_index("order")
+        metrics[f"joint_{metric}"] = float(gaps[f"joint_{metric}"].iloc[0])
     hparams = None
     if design == "hparams" and finished:
         try:
@@ -121,7 +129,7 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
         log_sweep_artifacts(cfg.tracking.tracking_uri, outcome.sweep_run_id, trials=table, metrics=metrics,
                             figures=figures, tables=tables, texts=texts)
         close_sweep_run(cfg.tracking.tracking_uri, outcome.sweep_run_id,
-                        status="FINISHED" if len(finished) == len(outcome.trials) else "FAILED")
+                        status="FINISHED" if len(done) == len(outcome.trials) else "FAILED")
         ui_cmd, url = experiment_runs_url(cfg.tracking.tracking_uri, cfg.tracking.experiment)
         print(f"\nResults are in MLflow ({redact_text(cfg.tracking.tracking_uri)}), experiment {cfg.tracking.experiment!r}, "
               f"sweep run {spec.name!r}.")

@@ -22,10 +22,10 @@ from coin_ray.training.types import PreparedData
 
 
 def trial_name(order: Sequence[str], seed: int, hparams: dict[str, Any] | None = None, config_hash: str = "",
-               method: str | None = None) -> str:
-    """Deterministic trial / MLflow run name:
-    "<A>B>C>-s<seed>[-<method>][-<hp=v,...>][-<config hash, 6 digits>]"."""
-    name = f"{'>'.join(order)}-s{seed}"
+               baseline: str | None = None, method: str | None = None) -> str:
+    """Deterministic trial / MLflow run name: "<A>B>C>-s<seed>[-<method>][-<hp=v,...>][-<config hash, 6
+    digits>]"; a baseline's is "<baseline>-s<seed>..." (e.g. the joint bound: "joint-s0-...")."""
+    name = f"{baseline or '>'.join(order)}-s{seed}"
     if method:
         name += f"-{method}"
     if hparams:
@@ -49,7 +49,7 @@ def trial_config(base: dict[str, Any], config: dict[str, Any], data_hash: str = 
     choice = decode(config, cfg)
     cfg = cfg.replace(order=list(choice.order), **{"train.seed": choice.seed}, **choice.changes)
     return cfg.replace(name=trial_name(choice.order, choice.seed, choice.hparams, config_hash(cfg.flatten(), data_hash),
-                                       method=choice.method))
+                                       baseline=choice.baseline, method=choice.method))
 
 
 @dataclass(frozen=True)
@@ -196,10 +196,12 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
     for res in grid:
         tcfg = trial_config(cfg.to_dict(), res.config, data_hash)
         row: dict[str, Any] = {"name": tcfg.name, "order": tcfg.order, "seed": tcfg.train.seed,
+                               "baseline": "joint" if tcfg.train.joint else None,
                                "method": method_label(tcfg), "num_experts": tcfg.tuner.num_experts,
                                "rank": tcfg.tuner.rank, "alpha": tcfg.tuner.alpha, "lr": tcfg.train.lr,
                                "run_key": run_key(tcfg.name, tcfg.flatten(), data_hash),
-                               "sampled": sampled_params(res.config), "n_stages": len(tcfg.order),
+                               "sampled": sampled_params(res.config),
+                               "n_stages": 1 if tcfg.train.joint else len(tcfg.order),
                                "status": "ERROR" if res.error else "TERMINATED",
                                "error": error_summary(res.error) if res.error else None}
         try:
@@ -208,7 +210,7 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
             rr = load_run_result(tcfg, data_hash)
             row.update(matrix=rr.matrix, knowledge_matrix=rr.knowledge_matrix, metrics=rr.metrics,
                        stages_reused=len(rr.stages_reused), zero_shot=rr.zero_shot, partial=False,
-                       stage_reached=len(tcfg.order), last_reported={})
+                       stage_reached=row["n_stages"], last_reported={})
         except NoRunResult:  # stopped early (ASHA) or failed: no final metrics, only what Tune saw last
             last = {k: v for k, v in (res.metrics or {}).items() if isinstance(v, (int, float))}
             row.update(matrix=None, metrics={}, last_reported=last, stages_reused=0,
@@ -221,7 +223,7 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
             if t["matrix"] is None:
                 tracking.mark_failed(t["run_key"], status="KILLED" if t["status"] == "STOPPED" else "FAILED")
     finished = [t for t in trials if t["matrix"] is not None]
-    stages_total = sum(len(t["order"]) for t in finished)
+    stages_total = sum(1 if t["baseline"] == "joint" else len(t["order"]) for t in finished)
     reused = sum(t["stages_reused"] for t in finished)
     outcome = SweepOutcome(trials=trials, sweep_run_id=sweep_run_id, experiment_id=None,
                            stages_trained=stages_total - reused, stages_reused=reused, storage=storage)
@@ -273,7 +275,8 @@ def trials_table(trials: list[dict[str, Any]]):
     for t in trials:
         m = t.get("metrics") or {}
         n_stages = t.get("n_stages", len(t["order"]))
-        rows.append({"trial": t["name"], "order": ">".join(t["order"]), "seed": t["seed"], "method": t["method"],
+        rows.append({"trial": t["name"], "order": t.get("baseline") or ">".join(t["order"]), "seed": t["seed"],
+                     "method": t["method"],
                      "num_experts": t["num_experts"], "rank": t["rank"], "alpha": t["alpha"], "lr": t["lr"],
                      "status": t["status"], "partial": bool(t.get("partial", False)),
                      "stage_reached": t.get("stage_reached", n_stages), "n_stages": n_stages,

@@ -1,7 +1,8 @@
 """The keys of a sweep's Tune search space, owned here: the scripts in sweeps/ build spaces with these
 helpers, and the runner decodes a trial's sampled values with `decode` - nowhere else spells a key.
 
-- `order`: the task order as "A>B>C" (a grid over a fixed design);
+- `order`: the task order as "A>B>C" (a grid over a fixed design), or "joint": the multitask upper bound, one
+  stage on the union of the tasks (`--baselines joint`);
 - `key.<Task>`: one random key in [0, 1) per task; the order is the tasks sorted by key (how Optuna, which
   cannot sample permutations, searches orders);
 - `seed`: the replicate (train.seed);
@@ -24,6 +25,7 @@ HP_PREFIX = "hp."
 RANDOM_KEY_PREFIX = "key."
 ALPHA_PER_RANK_KEY = "alpha_per_rank"
 METHOD_KEY = "method"
+JOINT = "joint"  # the `order` value of the joint multitask baseline (train.joint)
 
 
 def hp(name: str) -> str:
@@ -45,13 +47,17 @@ class TrialChoice:
     hparams: dict[str, Any] = field(default_factory=dict)  # searched fields (dotted) as the trial trains them
     method: str | None = None  # the `--methods` name the space chose (None: the base config's method)
     changes: dict[str, Any] = field(default_factory=dict)  # every config change: hparams plus derived fields
+    baseline: str | None = None  # "joint" for the multitask upper bound
 
 
 def decode(config: Mapping[str, Any], cfg: ExperimentConfig) -> TrialChoice:
     """The order, seed and config changes of Tune's sampled `config` over the sweep's base `cfg`."""
     from coin_ray.studies.designs import decode_random_keys
 
-    if ORDER_KEY in config:
+    baseline = None
+    if config.get(ORDER_KEY) == JOINT:
+        order, baseline = tuple(cfg.order), JOINT
+    elif ORDER_KEY in config:
         value = config[ORDER_KEY]
         order = tuple(value.split(">")) if isinstance(value, str) else tuple(value)
     elif any(k.startswith(RANDOM_KEY_PREFIX) for k in config):
@@ -74,6 +80,8 @@ def decode(config: Mapping[str, Any], cfg: ExperimentConfig) -> TrialChoice:
         experts = int(hparams.get("tuner.num_experts", cfg.tuner.num_experts))
         hparams["tuner.rank"] = divisible_rank(int(hparams.get("tuner.rank", cfg.tuner.rank)), experts)
     changes.update(hparams)
+    if baseline == JOINT:
+        changes["train.joint"] = True
     if ALPHA_PER_RANK_KEY in config and "tuner.alpha" not in hparams:
         changes["tuner.alpha"] = float(config[ALPHA_PER_RANK_KEY]) * int(hparams.get("tuner.rank", cfg.tuner.rank))
-    return TrialChoice(order=order, seed=seed, hparams=hparams, changes=changes, method=method)
+    return TrialChoice(order=order, seed=seed, hparams=hparams, changes=changes, baseline=baseline, method=method)

@@ -18,8 +18,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from coin_ray._files import write_dir_atomic
+from coin_ray.synthetic._instructions import synthetic_task, variant_of
 from coin_ray.synthetic._tasks import FAMILIES, GENERATORS, MIN_IMAGE_SIZE, Example
-from coin_ray.tasks import TASK_NAMES, get_task
+from coin_ray.tasks import TASK_NAMES
 
 __all__ = ["GENERATOR_VERSION", "TRAIN_SCALE", "MAX_IMAGE_SIZE", "MIN_IMAGE_SIZE", "IMAGE_ROOT", "INSTRUCTIONS",
            "write_synthetic_benchmark", "generate_examples", "synthetic_records"]
@@ -74,10 +75,11 @@ def generate_examples(task: str, n: int, *, split: str, image_size: int = 32, se
 
 
 def synthetic_records(task: str, example: Example, split: str, index: int, image: str,
-                      style: str = "original") -> dict[str, Any]:
-    """The CoIN JSON record of one example (train: conversation; test: question_id/text/answer)."""
-    t = get_task(task)
-    question = t.format_question(example.body, style, ref=example.ref)
+                      style: str = "original", seed: int = 0) -> dict[str, Any]:
+    """The CoIN JSON record of one example (train: conversation; test: question_id/text/answer). Its
+    instruction is one of the style's templates (`_instructions`), drawn per example."""
+    t = synthetic_task(task, style)
+    question = t.format_question(example.body, style, variant_of(t, style, seed, split, index), ref=example.ref)
     rec_id = f"{task}-{split}-{index:06d}"
     if split != "test":
         return {"id": rec_id, "image": image, "conversations": [
@@ -112,7 +114,7 @@ def write_synthetic_benchmark(
     """
     tasks = _check_options(tasks, {"train_rows": train_rows, "test_rows": test_rows}, image_size)
     for task in tasks:
-        get_task(task).templates(instruction_style)  # unknown/unavailable style: fail before writing
+        synthetic_task(task, instruction_style).templates(instruction_style)  # unknown style: fail before writing
     root = Path(root)
     train_per_task = {t: train_rows * TRAIN_SCALE.get(t, 1) for t in tasks}
 
@@ -127,7 +129,7 @@ def write_synthetic_benchmark(
                 for i, ex in enumerate(generate_examples(task, n, split=split, image_size=image_size, seed=seed)):
                     rel = f"{task}/{split}/{i:06d}.png"
                     ex.image.save(tmp / IMAGE_ROOT / rel, format="PNG", optimize=False)
-                    records.append(synthetic_records(task, ex, split, i, rel, instruction_style))
+                    records.append(synthetic_records(task, ex, split, i, rel, instruction_style, seed))
                 (folder / f"{split}.json").write_text(json.dumps(records, indent=1))
         info = {"generator_version": GENERATOR_VERSION, "tasks": list(tasks), "train_rows": train_rows,
                 "train_rows_per_task": train_per_task,

@@ -3,8 +3,8 @@
 CoIN starts from LLaVA-1.5, a model already aligned to each task's answer format. A randomly initialised
 tiny model is not, and continual tuning from it forgets totally (measured: BWT about -1, every answer in the
 last task's format, no order effect). This fine-tunes the tiny model on the benchmark's *base* question
-family (other questions in each task's answer format; coin_ray.synthetic._tasks) with a plain torch loop,
-and saves the result as a normal checkpoint folder, so ``build_vlm(str(path))`` loads it like any model.
+family (other questions in each task's answer format; coin_ray.synthetic._tasks) with the stage loop's
+optimizer step (`coin_ray.training.train.optimizer_step`), and saves the result as a normal checkpoint folder, so ``build_vlm(str(path))`` loads it like any model.
 """
 from __future__ import annotations
 
@@ -86,6 +86,8 @@ def pretrain_base(
         model.eval()
         return folder
 
+    from coin_ray.training.train import optimizer_step
+
     questions, answers, images = [], [], []
     for task in tasks:
         for ex in generate_examples(task, rows_per_task, split="base", image_size=image_size, seed=seed):
@@ -98,7 +100,8 @@ def pretrain_base(
 
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, int(steps * warmup_ratio))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
@@ -115,11 +118,11 @@ def pretrain_base(
                                   pad_id)
             loss = model(**batch).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            norm = optimizer_step(params, opt, sched, max_grad_norm=1.0)
             losses.append(float(loss.detach()))
+            if not (math.isfinite(losses[-1]) and math.isfinite(norm)):  # a broken base is never cached
+                raise ValueError(f"base pretraining diverged at step {len(losses)} (loss {losses[-1]}, gradient "
+                                 f"norm {norm}); nothing was saved: lower model.pretrain_lr")
     model.eval()
 
     def fill(tmp: Path) -> None:

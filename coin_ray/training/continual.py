@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -34,22 +35,26 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
     d = cfg.data
     if d.benchmark == "synthetic":
         tasks = TASK_NAMES
+        # the Original style keeps the options (and so the folder) the benchmark had before styles existed
+        style = {} if d.instruction_style == "original" else {"instruction_style": d.instruction_style}
         root = ensure_synthetic_benchmark(storage, train_rows=d.train_rows, test_rows=d.test_rows,
-                                          image_size=d.image_size, seed=d.seed)
+                                          image_size=d.image_size, seed=d.seed, **style)
         from coin_ray.synthetic import IMAGE_ROOT, INSTRUCTIONS
 
         instructions, images = root / INSTRUCTIONS, root / IMAGE_ROOT
     else:
         tasks = tuple(tasks or cfg.order)
-        instructions, images = Path(d.instructions), Path(d.images)
+        instructions, images = coin_instructions(d.instructions, d.instruction_style), Path(d.images)
+    annotations = d.textvqa_annotations if d.benchmark == "coin" else None
     model_kwargs = cfg.model.tiny_kwargs() if cfg.model.source == "tiny" else {}
     if cfg.model.prompt != "vicuna_v1":  # the prompt is baked into the preprocessed tokens
         model_kwargs["prompt"] = cfg.model.prompt
     out = Path(d.processed) if d.processed else storage / "data" / _short_hash(
         [str(instructions), str(images), sorted(tasks), cfg.model.source, model_kwargs, d.max_length,
-         d.max_image_pixels])
+         d.max_image_pixels, *([str(annotations)] if annotations else [])])
     manifest = preprocess(str(instructions), str(images), list(tasks), str(out), model_source=cfg.model.source,
-                          model_kwargs=model_kwargs, max_length=d.max_length, max_image_pixels=d.max_image_pixels)
+                          model_kwargs=model_kwargs, max_length=d.max_length, max_image_pixels=d.max_image_pixels,
+                          textvqa_annotations=annotations)
     splits: dict[str, dict[str, str]] = {}
     rows: dict[str, dict[str, int]] = {}
     for task in tasks:
@@ -67,6 +72,27 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
         build_base(cfg, storage)
     return PreparedData(processed=str(out), splits=splits, rows=rows, data_hash=manifest["content_hash"],
                         benchmark=d.benchmark, instructions=str(instructions), images=str(images))
+
+
+# CoIN's instruction folders, one per style, side by side (e.g. CoIN/Instructions_Original, .../Instructions_Diverse)
+STYLE_FOLDERS = {"original": "Instructions_Original", "diverse": "Instructions_Diverse", "10type": "Instructions_10Type"}
+
+
+def coin_instructions(instructions: str, style: str) -> Path:
+    """The instruction folder of `style`: `data.instructions` itself for "original"; for another style, the
+    sibling folder of that style's name (STYLE_FOLDERS) when `data.instructions` is one of them, else the
+    sub-folder of that name inside it. RunSetupError naming both places when neither exists."""
+    folder = Path(instructions)
+    if style == "original":
+        return folder
+    name = STYLE_FOLDERS[style]
+    candidates = ([folder.parent / name] if folder.name in STYLE_FOLDERS.values() else []) + [folder / name]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise RunSetupError(f"data.instruction_style {style}: no {name} folder at {' or '.join(map(str, candidates))}; "
+                        f"put CoIN's {name} beside {folder}, or point data.instructions at the folder of that style "
+                        f"and keep instruction_style original")
 
 
 def ensure_synthetic_benchmark(storage: Path, **options: Any) -> Path:
@@ -110,29 +136,58 @@ def ingest_needs_cpu(cfg: ExperimentConfig, prepared: PreparedData) -> bool:
 
 
 def stage_datasets(cfg: ExperimentConfig, prepared: PreparedData) -> tuple[dict[str, Any], list[int]]:
-    """Ray Data datasets `stage_<k>` (task k's train split, capped, plus replay of past tasks), and row counts."""
+    """Ray Data datasets `stage_<k>` and their row counts: task k's train split (a seeded random subset under
+    data.train_fraction / data.max_train_rows) plus a seeded random sample of train.replay_per_task rows of
+    each past task, every epoch in its own seeded global order (`data_order`). A joint run (train.joint) has
+    one stage: the union of every task of the order."""
     from pipelines import load_split
+
+    from coin_ray.training import data_order as do
+    from coin_ray.training.stages import stage_prefixes, stage_seed
+
+    d, t = cfg.data, cfg.train
 
     def split(task: str) -> Any:
         cached = prepared.train_datasets.get(task)
         return cached if cached is not None else load_split(prepared.processed, task, "train")
 
+    def sample(task: str, m: int, seed: Any) -> tuple[Any, int]:
+        n = prepared.rows[task]["train"]
+        if m >= n:
+            return split(task), n
+        keep = do.subset_indices(do.split_indices(prepared.splits[task]["train"]), task, seed, m)
+        return do.keep_rows(split(task), keep), len(keep)
+
+    def own_rows(task: str) -> tuple[Any, int]:
+        m = do.fraction_rows(prepared.rows[task]["train"], d.train_fraction)
+        if d.max_train_rows is not None:
+            m = min(m, d.max_train_rows)
+        return sample(task, m, do.derived_seed(d.seed, "train"))
+
     datasets: dict[str, Any] = {}
     rows: list[int] = []
-    cap = cfg.data.max_train_rows
-    for k, task in enumerate(cfg.order):
-        ds = split(task)
-        n = prepared.rows[task]["train"]
-        if cap is not None and cap < n:
-            ds, n = ds.limit(cap), cap
-        for past in cfg.order[:k]:
-            if cfg.train.replay_per_task > 0:
-                m = min(cfg.train.replay_per_task, prepared.rows[past]["train"])
-                ds = ds.union(split(past).limit(m))
-                n += m
-        datasets[f"stage_{k}"] = ds
+    for k, prefix in enumerate(stage_prefixes(cfg)):
+        parts = [own_rows(task) for task in prefix] if t.joint else [own_rows(prefix[-1])]
+        if t.replay_per_task > 0 and not t.joint:
+            seed = stage_seed(t.seed, prefix)
+            parts += [sample(past, t.replay_per_task, do.derived_seed(seed, "replay")) for past in prefix[:-1]]
+        ds = parts[0][0].union(*[p[0] for p in parts[1:]]) if len(parts) > 1 else parts[0][0]
+        n = sum(p[1] for p in parts)
+        per_step = stage_batch_size(cfg, prefix) * max(cfg.scaling.num_workers, 1) * t.grad_accum
+        steps = do.stage_steps(t.max_steps, t.epochs, n, per_step)
+        epochs = do.epochs_needed(steps, n, per_step)
+        stage_bytes = epochs * n * _row_bytes(cfg)
+        local = all(task in prepared.train_datasets for task in prefix) and stage_bytes <= d.materialize_below_mb * 2**20
+        datasets[f"stage_{k}"] = do.epoch_stream(ds, stage_seed(t.seed, prefix), epochs, local=local,
+                                                 partitions=math.ceil(n * _row_bytes(cfg) / 2**27))
         rows.append(n)
     return datasets, rows
+
+
+def stage_batch_size(cfg: ExperimentConfig, prefix: tuple[str, ...]) -> int:
+    """The per-worker batch size of the stage ending `prefix` (train.batch_size_per_task of its task; a
+    joint stage: train.batch_size)."""
+    return cfg.train.batch_size if cfg.train.joint else cfg.train.batch_size_of(prefix[-1])
 
 
 def _row_bytes(cfg: ExperimentConfig) -> int:
@@ -200,7 +255,7 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
     _train_env_defaults()
     import ray.train
     from ray.data import ExecutionOptions
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     s = cfg.scaling
@@ -211,7 +266,10 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.name, storage_path=str(Path(cfg.storage_path).resolve() / "ray_train"),
                              failure_config=FailureConfig(max_failures=s.max_failures),
-                             callbacks=train_callbacks or None),
+                             callbacks=train_callbacks or None,
+                             # the controller's and workers' ray.train logs (resource requests, worker group
+                             # starts) at warning level unless verbose
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
         datasets=datasets,
         # one worker needs no split: iterating in the worker itself saves a SplitCoordinator actor (a new
         # Python process, ~3 s on 2 cores) per stage dataset; several workers get equal streaming splits

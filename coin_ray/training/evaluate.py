@@ -25,7 +25,9 @@ class EvalRow:
 def eval_cell_name(task: str, cfg: ExperimentConfig) -> str:
     judge = cfg.eval.judge
     opts = json.dumps(dict(cfg.eval.judge_options), sort_keys=True, default=str)
-    tag = hashlib.sha256(f"{cfg.data.max_test_rows}:{judge}:{opts}".encode()).hexdigest()[:8]
+    # max_test_rows draws a seeded random subset (seed data.seed): both decide which rows are scored
+    subset = f"random:{cfg.data.seed}" if cfg.data.max_test_rows is not None else ""
+    tag = hashlib.sha256(f"{cfg.data.max_test_rows}{subset}:{judge}:{opts}".encode()).hexdigest()[:8]
     return f"{task}-{tag}"
 
 
@@ -50,7 +52,8 @@ def evaluate_row(run: WorkerRun, entry_path: Path) -> EvalRow:
             run.weights.ensure()
             cell = evaluate_task(run.model, run.processor, task, run.data.splits[task]["test"],
                                  batch_size=cfg.eval.batch_size, device=env.device, rank=env.rank,
-                                 world=env.world, max_rows=cfg.data.max_test_rows, judge=run.judge,
+                                 world=env.world, max_rows=cfg.data.max_test_rows, subset_seed=cfg.data.seed,
+                                 judge=run.judge,
                                  max_predictions=cfg.eval.max_predictions_logged,
                                  autocast_dtype=run.autocast_dtype)
             if env.rank == 0 and not judge_failed(cell):  # a failure is never cached: next run judges again

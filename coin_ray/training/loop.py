@@ -18,7 +18,7 @@ from coin_ray.methods import build_method
 from coin_ray.training.build import build_model, resolved_precision
 from coin_ray.training.evaluate import EvalRow, evaluate_row
 from coin_ray.training.hooks import HookList, RunInfo, RunResult, StageReport
-from coin_ray.training.stages import ADAPTER_DIR, Stage, obtain_stage, stage_material
+from coin_ray.training.stages import ADAPTER_DIR, Stage, obtain_stage, stage_material, stage_prefixes
 from coin_ray.training.store import StageStore, stage_key
 from coin_ray.training.types import WorkerConfig
 from coin_ray.training.worker import LoadedWeights, WorkerEnv, WorkerRun, progress, ray_train_env
@@ -34,17 +34,19 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
     finished = False
     try:
         zero_shot = evaluate_zero_shot(run) if cfg.eval.zero_shot else None
-        tally = Progress(order, zero_shot, judged=run.judge is not None)
-        for k, task in enumerate(order):
+        tally = Progress(order, zero_shot, judged=run.judge is not None, joint=cfg.train.joint)
+        prefixes = stage_prefixes(cfg)
+        for k, prefix in enumerate(prefixes):
+            task = "joint" if cfg.train.joint else prefix[-1]
             started = time.time()
-            stage = obtain_stage(run, order[: k + 1])
+            stage = obtain_stage(run, prefix)
             obtained_s = time.time() - started
             row = evaluate_row(run, stage.entry.path)
             tally.add(stage, row)
             if run.env.rank == 0:
                 progress(f"{cfg.name} stage {k} {task}: {'reused' if stage.reused else 'trained'} in "
                          f"{obtained_s:.1f} s, evaluated in {time.time() - started - obtained_s:.1f} s; seen-task "
-                         "scores " + " ".join(f"{t}={row.scores[t]:.2f}" for t in order[: k + 1]
+                         "scores " + " ".join(f"{t}={row.scores[t]:.2f}" for t in tally.seen(k)
                                               if row.scores[t] is not None))
                 from coin_ray._files import write_json_atomic
 
@@ -52,7 +54,7 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
             run.hooks.on_stage_end(StageReport(stage=k, task=task, scores=row.scores, knowledge=row.knowledge,
                                                train_losses=stage.losses, predictions=row.predictions,
                                                reused=stage.reused, seconds=time.time() - started))
-            if k == len(order) - 1:
+            if k == len(prefixes) - 1:
                 # the run is closed (hooks, result.json) before its last stage is reported: a Tune scheduler
                 # may stop the trial the moment it sees that report (ASHA stops every trial reaching max_t)
                 result = tally.result(adapter_dir=str(stage.entry.checkpoint / ADAPTER_DIR))
@@ -120,9 +122,10 @@ def finish_run(run: WorkerRun, result: RunResult) -> None:
 class Progress:
     """The evaluation matrix so far, and the metrics reported after each stage."""
 
-    def __init__(self, order: tuple[str, ...], zero_shot: EvalRow | None, judged: bool) -> None:
+    def __init__(self, order: tuple[str, ...], zero_shot: EvalRow | None, judged: bool, joint: bool = False) -> None:
         self.order = order
         self.judged = judged
+        self.joint = joint  # one stage on every task: its row stands for every stage (see running_metrics)
         self.zero_shot = [zero_shot.scores[t] for t in order] if zero_shot else None
         self.knowledge_zero = ([zero_shot.knowledge[t] for t in order]
                                if zero_shot and zero_shot.knowledge is not None else None)
@@ -139,12 +142,20 @@ class Progress:
             self.kmatrix.append([row.knowledge[t] for t in self.order])
         if stage.reused:
             self.reused.append(k)
-        self.index.append({"stage": k, "task": self.order[k], "key": stage.key, "path": str(stage.entry.path),
+        self.index.append({"stage": k, "task": "joint" if self.joint else self.order[k], "key": stage.key, "path": str(stage.entry.path),
                            "reused": stage.reused})
         self.last = row
 
+    def seen(self, k: int) -> tuple[str, ...]:
+        """The tasks trained by the end of stage k (a joint stage trains every task)."""
+        return self.order if self.joint else self.order[: k + 1]
+
     def running_metrics(self) -> dict[str, float]:
-        return final_metrics(self.matrix, self.zero_shot, self.kmatrix if self.judged else None, self.knowledge_zero)
+        matrix, kmatrix = self.matrix, self.kmatrix
+        if self.joint:  # the bound as if every stage had trained every task: MFT = MFN = its mean, BWT = 0
+            n = len(self.order)
+            matrix, kmatrix = matrix * n, kmatrix * n
+        return final_metrics(matrix, self.zero_shot, kmatrix if self.judged else None, self.knowledge_zero)
 
     def metrics(self) -> dict[str, Any]:
         """What a stage reports to Ray Train/Tune: the seen-task average, each task's score, and the CL metrics
@@ -152,8 +163,8 @@ class Progress:
         a 1x1 matrix (bwt, forgetting) report 0."""
         k = len(self.matrix) - 1
         scores = self.last.scores
-        metrics = {"stage": k, "task": self.order[k], "reused": int(k in self.reused),
-                   "avg_seen_acc": mean_seen(scores, self.order[: k + 1]) or 0.0,
+        metrics = {"stage": k, "task": "joint" if self.joint else self.order[k], "reused": int(k in self.reused),
+                   "avg_seen_acc": mean_seen(scores, self.seen(k)) or 0.0,
                    **{f"acc/{t}": scores[t] for t in self.order if scores[t] is not None}}
         metrics.update({m: (0.0 if math.isnan(v) else v) for m, v in self.running_metrics().items()})
         metrics["stages_reused"] = len(self.reused)

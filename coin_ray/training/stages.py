@@ -32,6 +32,14 @@ def stage_seed(seed: int, prefix: tuple[str, ...]) -> int:
     return int(digest[:8], 16)
 
 
+def stage_prefixes(cfg: ExperimentConfig) -> list[tuple[str, ...]]:
+    """The task prefix each stage of the run ends: A, A>B, A>B>C for an order; one stage of every task (in
+    name order, so any order of the same tasks is the same stage) for the joint bound (train.joint)."""
+    if cfg.train.joint:
+        return [tuple(sorted(cfg.order))]
+    return [tuple(cfg.order[: k + 1]) for k in range(len(cfg.order))]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -43,8 +51,17 @@ def stage_material(cfg: ExperimentConfig, data_hash: str, prefix: tuple[str, ...
     """Everything that fixes the result of the stage ending `prefix` (the stage-store key material).
     Evaluation settings are not part of it: evaluation cells are cached per task inside the entry, and
     eval settings that change scores (max_test_rows) go into the cell key."""
+    from coin_ray.training.continual import stage_batch_size
+    from coin_ray.training.data_order import DATA_ORDER_VERSION
+
     flat = cfg.flatten()
     material = {k: v for k, v in flat.items() if k.split(".")[0] in ("model", "train")}
+    # the batch size this stage trains with (another task's entry in batch_size_per_task does not change it)
+    del material["train.batch_size_per_task"]
+    if prefix:
+        material["train.batch_size"] = stage_batch_size(cfg, prefix)
+    if cfg.train.joint:  # one stage of every task: nothing to replay
+        material["train.replay_per_task"] = 0
     # only the fields the tuning method reads: LoRA trials that differ only in num_experts share stages
     material["tuner.method"] = cfg.tuner.method
     material.update({f"tuner.{k}": flat[f"tuner.{k}"] for k in cfg.tuner.METHOD_FIELDS[cfg.tuner.method]})
@@ -54,6 +71,9 @@ def stage_material(cfg: ExperimentConfig, data_hash: str, prefix: tuple[str, ...
     material.update({
         "data.benchmark": cfg.data.benchmark,
         "data.max_train_rows": cfg.data.max_train_rows,
+        "data.train_fraction": cfg.data.train_fraction,
+        "data.seed": cfg.data.seed,  # the seed of the train subsets
+        "data_order": DATA_ORDER_VERSION,
         "data.max_length": cfg.data.max_length,
         "data_hash": data_hash,
         "prefix": list(prefix),

@@ -9,12 +9,34 @@ from typing import Any
 
 import torch
 
-from coin_ray.training.stages import seed_everything, stage_seed
+from coin_ray.training.data_order import stage_steps
+from coin_ray.training.stages import seed_everything, stage_prefixes, stage_seed
 from coin_ray.training.worker import WorkerRun
 
 
 class NonFiniteError(RuntimeError):
     """A NaN/inf loss, gradient norm or trained weight: the stage stops and nothing of it is saved."""
+
+
+def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
+                   max_grad_norm: float, scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimizer step after the gradients are accumulated: clip to `max_grad_norm` (0 = measure only),
+    step the optimizer and the schedule, zero the gradients; returns the gradient norm. Without a scaler a
+    non-finite norm steps nothing (the caller stops); with one, the scaler skips that step itself. Shared by
+    the stage loop and the synthetic base's pretraining."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf))
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
+    elif not math.isfinite(norm):
+        return norm
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int, float]], dict[str, Any]]:
@@ -27,10 +49,13 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
 
     cfg, env, model, autocast_dtype = run.cfg, run.env, run.model, run.autocast_dtype
     t = cfg.train
-    k = len(prefix) - 1
+    from coin_ray.training.continual import stage_batch_size
+
+    k = stage_prefixes(cfg).index(prefix)
     seed_everything(stage_seed(t.seed, prefix))
-    per_step = t.batch_size * max(env.world, 1) * t.grad_accum
-    steps = t.max_steps or max(1, math.ceil(t.epochs * run.stage_rows[k] / per_step))
+    batch_size = stage_batch_size(cfg, prefix)
+    per_step = batch_size * max(env.world, 1) * t.grad_accum
+    steps = stage_steps(t.max_steps, t.epochs, run.stage_rows[k], per_step)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
@@ -57,13 +82,11 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
             "in bf16 or fp32 (train.precision)")
 
     losses: list[tuple[int, float]] = []
-    step = micro = epoch = 0
+    step = micro = 0
     running = 0.0
-    while step < steps:
+    while step < steps:  # the shard holds every epoch, each in its own seeded global order (data_order)
         n_batches = 0
-        for batch in shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate,
-                                              local_shuffle_buffer_size=max(4 * t.batch_size, 64),
-                                              local_shuffle_seed=stage_seed(t.seed + epoch, prefix) % (2**31)):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
             n_batches += 1
             batch = {name: x.to(env.device) for name, x in batch.items()}
             last_micro = (micro + 1) % t.grad_accum == 0
@@ -84,19 +107,9 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
             micro += 1
             if micro % t.grad_accum:
                 continue
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            # max_norm inf measures without clipping: the norm is checked in every case
-            norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf))
-            if scaler is not None:
-                scaler.step(optimizer)  # skipped when the scaled gradients overflowed
-                scaler.update()
-            elif not math.isfinite(norm):
+            norm = optimizer_step(params, optimizer, scheduler, t.max_grad_norm, scaler)
+            if scaler is None and not math.isfinite(norm):
                 raise non_finite("gradient norm", norm)
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append((step, running))
             running = 0.0
@@ -104,11 +117,10 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
                 callback(stage=k, step=step)
             if step >= steps:
                 break
-        epoch += 1
         if n_batches == 0:
             raise RuntimeError(f"stage {k} ({prefix[-1]}): the training shard is empty; check the preprocessed data")
 
-    def stage_batches(batch_size: int):  # the stage's rows in stored order, for the method's end of stage
+    def stage_batches(batch_size: int):  # the stage's stream from its start (its first epoch), for end_stage
         for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
             yield {name: x.to(env.device) for name, x in batch.items()}
 

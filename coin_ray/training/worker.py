@@ -96,7 +96,8 @@ def progress(message: str) -> None:
 
 def quiet_ray_logs(verbose: bool) -> None:
     """Ray's own chatter in this process at warning level unless `verbose`: Ray Train logs every report with
-    its full metric dict ("Reporting training result ..."), Ray Data every finished dataset."""
+    its full metric dict ("Reporting training result ..."), Ray Data every finished dataset, transformers a
+    progress bar per checkpoint load."""
     level = logging.INFO if verbose else logging.WARNING
     names = ["ray.data", "ray.train"]
     try:  # Ray Train's reporting logger is named after its file
@@ -107,6 +108,10 @@ def quiet_ray_logs(verbose: bool) -> None:
         pass
     for name in names:
         logging.getLogger(name).setLevel(level)
+    if not verbose:  # transformers' "Loading weights" bar, once per trial
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def ray_train_env(verbose: bool = False) -> WorkerEnv:
