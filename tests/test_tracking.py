@@ -241,6 +241,12 @@ def test_trial_run_logs_the_name_contract(store, client, tmp_path):
     assert (p["benchmark"], p["data_hash"]) == ("synthetic", "abc123")
     assert p["judge.api_key"] == "***" and "sk-SECRET" not in json.dumps(p)
     assert client.get_run(sweep_id).data.params == {"design": "all", "llm.api_key": "***"}
+    # a continual-learning method on a LoRA tuner logs its --methods name, not the tuner's
+    from dataclasses import replace
+
+    from tracking._tracker import trial_params
+
+    assert trial_params(replace(run_info("x"), method="olora"))["method"] == "olora"
 
     for j, task in enumerate(ORDER):
         assert history(client, tracker.run_id, f"acc/{task}") == [(i, MATRIX[i][j]) for i in range(3)]

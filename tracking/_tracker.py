@@ -57,6 +57,8 @@ def trial_params(info: RunInfo) -> dict[str, Any]:
     for name, key in CONTRACT_PARAMS.items():
         if key in config:
             params[name] = config[key]
+    if info.method:  # the --methods name (an O-LoRA trial trains a LoRA tuner: tuner.method alone says lora)
+        params["method"] = info.method
     # the order is task_order ("A>B>C"), not also the config's JSON list: the compare page shows one column
     params.update({k: v for k, v in config.items() if k not in params and k != "order"})
     return params

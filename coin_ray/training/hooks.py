@@ -19,6 +19,7 @@ class RunInfo:
     # them out of the process mask them (coin_ray.redact.redact_params, as tracking._tracker.trial_params does)
     benchmark: str  # "synthetic" or "coin"
     data_hash: str  # content hash from the pipeline manifest
+    method: str = ""  # the --methods name (coin_ray.methods.method_label): lora, moelora, olora, ewc+replay, ...
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,10 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
     wc: WorkerConfig = config["worker"]
     run = start_run(wc, env or ray_train_env(wc.verbose))
     order, cfg = run.order, run.cfg
+    from coin_ray.methods import method_label
+
     run.hooks.on_run_start(RunInfo(name=cfg.name, order=order, params=cfg.flatten(), benchmark=cfg.data.benchmark,
-                                   data_hash=run.data.data_hash))
+                                   data_hash=run.data.data_hash, method=method_label(cfg)))
     finished = False
     try:
         zero_shot = evaluate_zero_shot(run) if cfg.eval.zero_shot else None
