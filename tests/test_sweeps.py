@@ -270,7 +270,7 @@ def test_sweep_with_a_judge_that_is_down_finishes_without_knowledge_scores(tmp_p
                 "--experiment", "judge-down", *TINY, "--set", "eval.judge=llm", "--set", f"eval.judge_options={options}",
                 cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "no knowledge score for ScienceQA" in proc.stdout
+    assert "no knowledge score for ScienceQA" in proc.stderr  # progress lines go to stderr (logging)
     children, parents = _children(uri, "judge-down")
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     assert parents[0].info.status == "FINISHED" and parents[0].data.metrics["trials_finished"] == 1
