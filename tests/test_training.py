@@ -121,6 +121,7 @@ def test_a_judge_that_is_down_leaves_null_knowledge_and_nothing_cached(prepared,
 
     from coin_ray.training import run_continual
     from coin_ray.training.evaluate import eval_cell_name
+    from coin_ray.training.store import StageStore
 
     storage, data = prepared
     with socket.socket() as s:
@@ -157,5 +158,11 @@ def test_a_judge_that_is_down_leaves_null_knowledge_and_nothing_cached(prepared,
     finally:
         httpd.shutdown()
         httpd.server_close()
-    assert up.stages_reused == (0, 1, 2) and up.matrix == down.matrix
-    assert up.knowledge_matrix == [[pytest.approx(0.7)] * 3] * 3 and "gk_mfn" in up.metrics
+    assert up.stages_reused == (0, 1, 2) and up.matrix == down.matrix and "gk_mfn" in up.metrics
+    # every reply the judge rated scores 0.7; an empty reply scores 0 without asking it (see the llm judge)
+    for k, stage in enumerate(stages):
+        for j, task in enumerate(ORDER):
+            cell = StageStore.read_eval(Path(stage["path"]), eval_cell_name(task, cfg))
+            replies = [p["prediction"] for p in cell["predictions"]]
+            assert len(replies) == cell["n"] == 8
+            assert up.knowledge_matrix[k][j] == pytest.approx(sum(0.7 for r in replies if r.strip()) / 8)
