@@ -136,9 +136,10 @@ def test_unknown_task_in_orders_is_a_user_error():
 
 def test_metric_checked():
     from coin_ray.evaluation import cl_metrics
+    from coin_ray.evaluation.metrics import CL_METRIC_NAMES
 
     # the valid metrics are exactly what a trial reports
-    assert set(cl_metrics([[1.0, 0.2], [0.5, 1.0]], zero_shot=[None, 0.1])) == set(cli.CL_METRIC_NAMES)
+    assert set(cl_metrics([[1.0, 0.2], [0.5, 1.0]], zero_shot=[None, 0.1])) == set(CL_METRIC_NAMES)
     _plan("--metric", "bwt")
     with pytest.raises(cli.UsageError, match="--metric .accuracy. is not a metric: use one of mft, mfn"):
         _plan("--metric", "accuracy")

@@ -12,7 +12,7 @@ from typing import Any
 
 from coin_ray.config import ExperimentConfig, dotted, load_yaml_file, parse_override, preset
 from coin_ray.errors import UserError
-from coin_ray.evaluation.metrics import CL_METRIC_NAMES, METRIC_NAMES, higher_is_better  # noqa: F401
+from coin_ray.evaluation.metrics import METRIC_NAMES, higher_is_better  # noqa: F401 (the sweep scripts use it)
 from coin_ray.training.types import PreparedData
 
 
@@ -56,7 +56,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 # the metrics the analysis and the trials table compare trials by (coin_ray.evaluation.metrics)
-CL_METRICS, METRICS = CL_METRIC_NAMES, METRIC_NAMES
+METRICS = METRIC_NAMES
 
 
 def check_count(flag: str, value: float | None, minimum: int = 1) -> None:

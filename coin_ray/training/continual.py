@@ -173,8 +173,7 @@ def stage_datasets(cfg: ExperimentConfig, prepared: PreparedData) -> tuple[dict[
             parts += [sample(past, t.replay_per_task, do.derived_seed(seed, "replay")) for past in prefix[:-1]]
         ds = parts[0][0].union(*[p[0] for p in parts[1:]]) if len(parts) > 1 else parts[0][0]
         n = sum(p[1] for p in parts)
-        per_step = stage_batch_size(cfg, prefix) * max(cfg.scaling.num_workers, 1) * t.grad_accum
-        steps = do.stage_steps(t.max_steps, t.epochs, n, per_step)
+        _, per_step, steps = stage_schedule(cfg, prefix, n)
         epochs = do.epochs_needed(steps, n, per_step)
         stage_bytes = epochs * n * _row_bytes(cfg)
         local = all(task in prepared.train_datasets for task in prefix) and stage_bytes <= d.materialize_below_mb * 2**20
@@ -182,6 +181,17 @@ def stage_datasets(cfg: ExperimentConfig, prepared: PreparedData) -> tuple[dict[
                                                  partitions=math.ceil(n * _row_bytes(cfg) / 2**27))
         rows.append(n)
     return datasets, rows
+
+
+def stage_schedule(cfg: ExperimentConfig, prefix: tuple[str, ...], rows: int) -> tuple[int, int, int]:
+    """(batch size per worker, rows per optimizer step, optimizer steps) of the stage ending `prefix` with `rows`
+    training rows: the driver sizes the stage's epoch stream with it and the worker trains that many steps, so
+    the two cannot disagree."""
+    from coin_ray.training import data_order
+
+    batch = stage_batch_size(cfg, prefix)
+    per_step = batch * max(cfg.scaling.num_workers, 1) * cfg.train.grad_accum
+    return batch, per_step, data_order.stage_steps(cfg.train.max_steps, cfg.train.epochs, rows, per_step)
 
 
 def stage_batch_size(cfg: ExperimentConfig, prefix: tuple[str, ...]) -> int:

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from coin_ray.training.data_order import stage_steps
 from coin_ray.training.stages import seed_everything, stage_prefixes, stage_seed
 from coin_ray.training.worker import WorkerRun
 
@@ -47,15 +46,14 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
     from coin_ray.tuners import tuner_aux_loss
     from pipelines import train_collate_fn
 
+    from coin_ray.training.continual import stage_schedule
+
     cfg, env, model, autocast_dtype = run.cfg, run.env, run.model, run.autocast_dtype
     t = cfg.train
-    from coin_ray.training.continual import stage_batch_size
-
     k = stage_prefixes(cfg).index(prefix)
     seed_everything(stage_seed(t.seed, prefix))
-    batch_size = stage_batch_size(cfg, prefix)
-    per_step = batch_size * max(env.world, 1) * t.grad_accum
-    steps = stage_steps(t.max_steps, t.epochs, run.stage_rows[k], per_step)
+    # the worker world is scaling.num_workers (1 in-process), as the driver sized the epoch stream with
+    batch_size, _, steps = stage_schedule(cfg, prefix, run.stage_rows[k])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
