@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from coin_ray.config import ExperimentConfig
+from coin_ray.profiling import span
 from coin_ray.training.types import PreparedData
 from coin_ray.redact import redact_text
 from coin_ray.studies import cli
@@ -51,6 +52,7 @@ def prepare(cfg: ExperimentConfig, args: argparse.Namespace) -> PreparedData:
     return prepared
 
 
+@span("tracking")
 def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design: str,
                  pareto: bool = False) -> dict[str, Any]:
     """Print the trials and the study's analysis, log them on the sweep run (trials.csv, analysis/*.csv and

@@ -84,14 +84,17 @@ def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: P
     from coin_ray.identity import run_key
     from coin_ray.training import run_continual
 
+    from coin_ray.profiling import TRIAL, span
+
     cfg = trial_config(base, config, prepared.data_hash)
     key = run_key(cfg.name, cfg.flatten(), prepared.data_hash)
     hooks_factory = tracking.tracker(cfg.name, key) if tracking is not None else None
     from ray.tune.integration.ray_train import TuneReportCallback
 
     try:
-        run_continual(cfg, hooks_factory=hooks_factory, prepared=prepared, train_callbacks=[TuneReportCallback()],
-                      verbose=verbose)
+        with span(TRIAL, trial=cfg.name):
+            run_continual(cfg, hooks_factory=hooks_factory, prepared=prepared,
+                          train_callbacks=[TuneReportCallback()], verbose=verbose)
     except BaseException:
         if tracking is not None:
             tracking.mark_failed(key)
@@ -156,20 +159,24 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
     storage = Path(cfg.storage_path).resolve()
     tracking = None
     sweep_run_id = None
+    from coin_ray.profiling import span
+
     if spec.tracking:
         from tracking import open_sweep_run, resolve_tracking_uri
 
         # absolute (sqlite paths): Tune runs each trial in its own working directory
         cfg = cfg.replace(**{"tracking.tracking_uri": resolve_tracking_uri(cfg.tracking.tracking_uri)})
         spec.base = cfg
-        sweep_run_id = open_sweep_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, spec.name,
-                                      params=spec.sweep_params, tags={"coin_ray.sweep": spec.name}, run_key=key)
+        with span("tracking"):
+            sweep_run_id = open_sweep_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, spec.name,
+                                          params=spec.sweep_params, tags={"coin_ray.sweep": spec.name}, run_key=key)
         tracking = TrialTracking(cfg.tracking.tracking_uri, cfg.tracking.experiment, sweep_run_id, spec.name,
                                  # undelivered MLflow writes stay beside the results (shared storage on a cluster)
                                  spool_dir=str(storage / "mlflow_spool"))
     from coin_ray.training.continual import with_train_datasets
 
-    prepared = with_train_datasets(cfg, prepared)  # read small train splits once for every trial
+    with span("data loading"):
+        prepared = with_train_datasets(cfg, prepared)  # read small train splits once for every trial
     trainable = tune.with_parameters(trial_trainable, base=cfg.to_dict(), prepared=prepared, tracking=tracking,
                                      verbose=spec.verbose)
     # The trial function only waits on fit(): it holds no CPU (Tune needs some resource, so a token 1 MiB of

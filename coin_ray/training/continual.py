@@ -29,6 +29,7 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
     """Generate (synthetic) and preprocess the tasks once; cached by content hash under the storage path."""
     from pipelines.preprocess import preprocess
 
+    from coin_ray.profiling import span
     from coin_ray.tasks import TASK_NAMES
 
     storage = Path(cfg.storage_path).resolve()
@@ -37,8 +38,9 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
         tasks = TASK_NAMES
         # the Original style keeps the options (and so the folder) the benchmark had before styles existed
         style = {} if d.instruction_style == "original" else {"instruction_style": d.instruction_style}
-        root = ensure_synthetic_benchmark(storage, train_rows=d.train_rows, test_rows=d.test_rows,
-                                          image_size=d.image_size, seed=d.seed, **style)
+        with span("data generation"):
+            root = ensure_synthetic_benchmark(storage, train_rows=d.train_rows, test_rows=d.test_rows,
+                                              image_size=d.image_size, seed=d.seed, **style)
         from coin_ray.synthetic import IMAGE_ROOT, INSTRUCTIONS
 
         instructions, images = root / INSTRUCTIONS, root / IMAGE_ROOT
@@ -52,9 +54,10 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
     out = Path(d.processed) if d.processed else storage / "data" / _short_hash(
         [str(instructions), str(images), sorted(tasks), cfg.model.source, model_kwargs, d.max_length,
          d.max_image_pixels, *([str(annotations)] if annotations else [])])
-    manifest = preprocess(str(instructions), str(images), list(tasks), str(out), model_source=cfg.model.source,
-                          model_kwargs=model_kwargs, max_length=d.max_length, max_image_pixels=d.max_image_pixels,
-                          textvqa_annotations=annotations)
+    with span("preprocessing"):
+        manifest = preprocess(str(instructions), str(images), list(tasks), str(out), model_source=cfg.model.source,
+                              model_kwargs=model_kwargs, max_length=d.max_length,
+                              max_image_pixels=d.max_image_pixels, textvqa_annotations=annotations)
     splits: dict[str, dict[str, str]] = {}
     rows: dict[str, dict[str, int]] = {}
     for task in tasks:
@@ -69,7 +72,8 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
         # train (or find) the instruction-pretrained base once here, so trials only load it
         from coin_ray.training.build import build_base
 
-        build_base(cfg, storage)
+        with span("base pretraining"):
+            build_base(cfg, storage)
     return PreparedData(processed=str(out), splits=splits, rows=rows, data_hash=manifest["content_hash"],
                         benchmark=d.benchmark, instructions=str(instructions), images=str(images))
 
@@ -245,8 +249,11 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
     if missing:
         raise RunSetupError(f"tasks {missing} are not in the prepared data ({prepared.tasks})")
     check_resources(cfg)
-    prepared = with_train_datasets(cfg, prepared)
-    datasets, stage_rows = stage_datasets(cfg, prepared)
+    from coin_ray.profiling import span
+
+    with span("data loading"):
+        prepared = with_train_datasets(cfg, prepared)
+        datasets, stage_rows = stage_datasets(cfg, prepared)
     # workers get the datasets as shards, not inside their config
     config = {"worker": WorkerConfig(experiment=cfg.to_dict(), data=prepared.without_datasets(),
                                      stage_rows=tuple(stage_rows), hooks_factory=hooks_factory,

@@ -76,7 +76,10 @@ class HookList:
             raise AttributeError(event)
 
         def call(*args: Any, **kwargs: Any) -> None:
-            for hook in self.hooks:
-                getattr(hook, event)(*args, **kwargs)
+            from coin_ray.profiling import span
+
+            with span("tracking", event=event):
+                for hook in self.hooks:
+                    getattr(hook, event)(*args, **kwargs)
 
         return call

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coin_ray import profiling
 from coin_ray.config import ExperimentConfig
 from coin_ray.evaluation.metrics import cl_metrics, mean_seen
 from coin_ray.methods import build_method
+from coin_ray.profiling import span
 from coin_ray.training.build import build_model, resolved_precision
 from coin_ray.training.evaluate import EvalRow, evaluate_row
 from coin_ray.training.hooks import HookList, RunInfo, RunResult, StageReport
@@ -27,7 +29,9 @@ from coin_ray.training.worker import LoadedWeights, WorkerEnv, WorkerRun, progre
 def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> RunResult | None:
     """Run (or resume) every stage of the order on this worker. `config["worker"]` is a `WorkerConfig`."""
     wc: WorkerConfig = config["worker"]
-    run = start_run(wc, env or ray_train_env(wc.verbose))
+    profiling.label(trial=ExperimentConfig.from_dict(wc.experiment).name)
+    with span("trial start-up"):
+        run = start_run(wc, env or ray_train_env(wc.verbose))
     order, cfg = run.order, run.cfg
     from coin_ray.methods import method_label
 
@@ -35,15 +39,18 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
                                    data_hash=run.data.data_hash, method=method_label(cfg)))
     finished = False
     try:
-        zero_shot = evaluate_zero_shot(run) if cfg.eval.zero_shot else None
+        with span("evaluation", stage=-1):
+            zero_shot = evaluate_zero_shot(run) if cfg.eval.zero_shot else None
         tally = Progress(order, zero_shot, judged=run.judge is not None, joint=cfg.train.joint)
         prefixes = stage_prefixes(cfg)
         for k, prefix in enumerate(prefixes):
             task = "joint" if cfg.train.joint else prefix[-1]
             started = time.time()
-            stage = obtain_stage(run, prefix)
+            with span("training", stage=k):
+                stage = obtain_stage(run, prefix)
             obtained_s = time.time() - started
-            row = evaluate_row(run, stage.entry.path)
+            with span("evaluation", stage=k):
+                row = evaluate_row(run, stage.entry.path)
             tally.add(stage, row)
             if run.env.rank == 0:
                 progress(f"{cfg.name} stage {k} {task}: {'reused' if stage.reused else 'trained'} in "
@@ -62,7 +69,8 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
                 result = tally.result(adapter_dir=str(stage.entry.checkpoint / ADAPTER_DIR))
                 finish_run(run, result)
                 finished = True
-            run.env.report(tally.metrics(), stage.entry.checkpoint)
+            with span("reporting", stage=k):
+                run.env.report(tally.metrics(), stage.entry.checkpoint)
         return result
     except BaseException as error:
         if not finished:
