@@ -45,6 +45,20 @@ def span(phase: str, **labels: Any) -> Iterator[None]:
         record(path, {"phase": phase, "start": start, "end": time.time(), "pid": os.getpid(), **_labels, **labels})
 
 
+def record_span(phase: str, start: float, end: float, **labels: Any) -> None:
+    """Record a span measured elsewhere (e.g. from a process's creation time) when profiling is on."""
+    path = os.environ.get(ENV)
+    if path and start <= end:
+        record(path, {"phase": phase, "start": start, "end": end, "pid": os.getpid(), **_labels, **labels})
+
+
+def process_started() -> float:
+    """When this process was created (epoch seconds)."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def record(path: str, entry: dict[str, Any]) -> None:
     line = (json.dumps(entry, default=str) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -36,7 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=("tpe", "random"), default="tpe", help="Optuna sampler")
     p.add_argument("--metric", default="mfn", help=f"metric the report sorts by: {', '.join(cli.METRICS)}")
     cli.add_common_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.seeds = 1 if args.seeds is None else args.seeds
+    return args
 
 
 def main(argv=None) -> None:
@@ -97,8 +99,8 @@ def main(argv=None) -> None:
                                   reduction_factor=2)
     name = args.name or cli.default_sweep_name("hparams", "tpe" if not args.multi_objective else "nsga2",
                                                num_samples, list(cfg.order), args)
-    preflight(cfg, args)
-    prepared = prepare(cfg, args)
+    base = preflight(cfg, args)  # the synthetic base pretrains while Ray starts and the data is preprocessed
+    prepared = prepare(cfg, args, base)
     spec = SweepSpec(name=name, base=cfg, param_space=space, num_samples=num_samples,
                      search_alg=search, scheduler=scheduler,
                      max_concurrent_trials=cli.default_concurrency(cfg, args.max_concurrent_trials, prepared),

@@ -28,8 +28,11 @@ SMOKE_PRESET, SMOKE_CONFIG_PRESET = "smoke", "smoke_config"
 def add_common_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("experiment")
     g.add_argument("--config", help="YAML experiment config (e.g. configs/coin_llava7b.yaml); flags override it")
-    g.add_argument("--tasks", help="comma-separated CoIN tasks (default: all 8 CoIN task types)")
-    g.add_argument("--seeds", type=int, default=1, help="replicates: run every configuration with seeds 0..N-1")
+    g.add_argument("--tasks", help="comma-separated CoIN tasks (default: the config's order; embedded: GQA, "
+                                   "Grounding, VQAv2, OCRVQA)")
+    g.add_argument("--seeds", type=int, default=None,
+                   help="replicates: run every configuration with seeds 0..N-1 (default: task_order.py 2, or 1 with "
+                        "--smoke-test or --design optuna; hparams.py 1)")
     g.add_argument("--smoke-test", action="store_true", help="3 tasks, tiny budgets: a minutes-long check")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set tuner.rank=32 --set train.lr=1e-3")

@@ -192,6 +192,7 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
             # metric/mode live on the search algorithm and the scheduler (Tune refuses them in both places)
             tune_config=TuneConfig(num_samples=spec.num_samples, search_alg=spec.search_alg,
                                    scheduler=spec.scheduler, max_concurrent_trials=spec.max_concurrent_trials,
+                                   reuse_actors=True,
                                    trial_name_creator=lambda t: _trial_name_of(cfg, t.config, data_hash),
                                    trial_dirname_creator=lambda t: safe_dirname(
                                        _trial_name_of(cfg, t.config, data_hash))),

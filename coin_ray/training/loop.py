@@ -30,7 +30,11 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
     """Run (or resume) every stage of the order on this worker. `config["worker"]` is a `WorkerConfig`."""
     wc: WorkerConfig = config["worker"]
     profiling.label(trial=ExperimentConfig.from_dict(wc.experiment).name)
-    with span("trial start-up"):
+    if "fit_started" in config:  # a Ray Train worker: the controller's and this process's start
+        born = max(profiling.process_started(), config["fit_started"])  # a pooled process may be older
+        profiling.record_span("trial start-up", config["fit_started"], born, part="Ray Train start")
+        profiling.record_span("trial start-up", born, time.time(), part="worker process start")
+    with span("trial start-up", part="model build"):
         run = start_run(wc, env or ray_train_env(wc.verbose))
     order, cfg = run.order, run.cfg
     from coin_ray.methods import method_label
