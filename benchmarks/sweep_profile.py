@@ -66,6 +66,13 @@ def main() -> None:
     for phase in PHASES:
         print(f"{phase:<18}{shares.get(phase, 0.0):>8.1f}{shares.get(phase, 0.0) / wall:>8.1%}"
               f"{busy.get(phase, 0.0):>9.1f}")
+    parts: dict[str, list[float]] = {}
+    for s in spans:
+        if s["phase"] == "trial start-up":
+            parts.setdefault(s.get("part", "other"), []).append(s["end"] - s["start"])
+    if parts:
+        print("\ntrial start-up, mean seconds per trial: " + ", ".join(
+            f"{part} {sum(v) / len(v):.1f}" for part, v in parts.items()))
     stages = [s for s in spans if s["phase"] == "training"]
     trials = [s for s in spans if s["phase"] == "trial"]
     data = [s for s in spans if s["phase"] in ("data generation", "preprocessing", "base pretraining")]
@@ -77,6 +84,7 @@ def main() -> None:
     print(json.dumps({"wall_s": round(wall, 1), "data_ready_s": round(data_ready, 1),
                       "phases_s": {k: round(shares.get(k, 0.0), 1) for k in PHASES},
                       "busy_s": {k: round(v, 1) for k, v in busy.items()},
+                      "startup_parts_s": {k: round(sum(v) / len(v), 2) for k, v in parts.items()},
                       "trials": len(trials), "stages": len(stages)}))
 
 

@@ -99,8 +99,8 @@ def main(argv=None) -> None:
                                   reduction_factor=2)
     name = args.name or cli.default_sweep_name("hparams", "tpe" if not args.multi_objective else "nsga2",
                                                num_samples, list(cfg.order), args)
-    base = preflight(cfg, args)  # the synthetic base pretrains while Ray starts and the data is preprocessed
-    prepared = prepare(cfg, args, base)
+    preflight(cfg, args)
+    prepared = prepare(cfg, args)
     spec = SweepSpec(name=name, base=cfg, param_space=space, num_samples=num_samples,
                      search_alg=search, scheduler=scheduler,
                      max_concurrent_trials=cli.default_concurrency(cfg, args.max_concurrent_trials, prepared),

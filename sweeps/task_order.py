@@ -117,8 +117,8 @@ def main(argv=None) -> None:
     spec_kwargs["param_space"].update({space.hp(key): tune.grid_search(values) for key, values in grid.items()})
     name = args.name or (cli.default_sweep_name("task_order", kind, count, tasks, args)
                          + (f"-{'_'.join(methods)}" if methods else ""))
-    base = preflight(cfg, args)  # the synthetic base pretrains while Ray starts and the data is preprocessed
-    prepared = prepare(cfg, args, base)
+    preflight(cfg, args)
+    prepared = prepare(cfg, args)
     if orders is not None:
         cells = len(seeds) * math.prod(len(v) for v in grid.values())
         per_order = cells * len(methods or [None])

@@ -206,3 +206,19 @@ def test_methods_cross_the_order_design():
     assert methods == ["lora", "olora", "ewc+replay"]
     with pytest.raises(cli.UsageError, match="--design optuna searches orders of one method"):
         _plan("--design", "optuna", "4", "--methods", "lora,olora")
+
+
+def test_default_study_is_a_williams_design_with_two_seeds():
+    """The no-argument study can tell an order effect from seed noise: 4 tasks, 4 balanced orders, 2 seeds
+    each; --smoke-test (a check) and --design optuna (one run per sampled order) default to one seed."""
+    args = task_order.parse_args([])
+    cfg, design, kind, count, orders, methods = task_order.plan(args)
+    assert kind == "williams" and args.seeds == 2
+    assert list(cfg.order) == ["GQA", "Grounding", "VQAv2", "OCRVQA"]
+    assert len(orders) == 4
+    for position in range(4):  # each task once at each position
+        assert sorted(o[position] for o in orders) == sorted(cfg.order)
+    assert task_order.parse_args(["--smoke-test"]).seeds == 1
+    assert task_order.parse_args(["--design", "optuna", "4"]).seeds == 1
+    assert task_order.parse_args(["--seeds", "3"]).seeds == 3
+    assert hparams.parse_args([]).seeds == 1

@@ -186,3 +186,4 @@ def test_every_task_reference_reaches_a_judge_as_text(bench: Path):
         assert all(isinstance(x, str) and x for x in refs), (task, refs)
         if task == "Grounding":
             assert all(x.startswith("[") and x.count(",") == 3 for x in refs), refs
+

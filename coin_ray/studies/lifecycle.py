@@ -10,7 +10,6 @@ from typing import Any
 
 from coin_ray.config import ExperimentConfig
 from coin_ray.profiling import span
-from coin_ray.training.continual import BackgroundBase, needs_base
 from coin_ray.training.types import PreparedData
 from coin_ray.redact import redact_text
 from coin_ray.studies import cli
@@ -22,10 +21,9 @@ from coin_ray.studies.runner import SweepOutcome, SweepSpec, trials_table
 from tracking.plots import spread_figure, table_heatmap
 
 
-def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> BackgroundBase | None:
+def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     """Everything that can be wrong before a trial starts: the model folder, per-GPU memory, storage, tracking
-    server, Ray address. Then Ray starts, with the tiny model's base pretraining already under way beside it
-    (returned, for `prepare`)."""
+    server, Ray address."""
     if cfg.model.source != "tiny":
         from coin_ray.models import check_model_source
 
@@ -41,16 +39,14 @@ def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> BackgroundBase
         from tracking import check_tracking_uri
 
         check_tracking_uri(cfg.tracking.tracking_uri)
-    base = BackgroundBase(cfg) if needs_base(cfg) else None
     cli.init_ray(args)
-    return base
 
 
-def prepare(cfg: ExperimentConfig, args: argparse.Namespace, base: BackgroundBase | None = None) -> PreparedData:
+def prepare(cfg: ExperimentConfig, args: argparse.Namespace) -> PreparedData:
     from coin_ray.training import prepare_data
 
     started = time.time()
-    prepared = prepare_data(cfg, base=base)
+    prepared = prepare_data(cfg)
     print(f"[coin-ray] data ready in {time.time() - started:.1f} s: {prepared.benchmark} benchmark, "
           f"{len(prepared.splits)} tasks, hash {prepared.data_hash[:12]}, at {prepared.processed}")
     return prepared

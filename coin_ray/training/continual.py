@@ -26,45 +26,8 @@ class NoRunResult(FileNotFoundError):
     """`runs/<name>/result.json` is absent, torn, or was written by a run of another config."""
 
 
-class BackgroundBase:
-    """The tiny model's instruction-pretrained base (`build.build_base`), trained in a thread of this process
-    while the driver starts Ray and preprocesses the data: it needs neither (it draws its own examples), and
-    both wait on other processes most of the time. `wait()` returns once the base is in the store, or raises
-    what the training raised. A daemon thread: a driver that fails meanwhile exits without waiting for it (the
-    base folder is written atomically, so nothing torn is left)."""
-
-    def __init__(self, cfg: ExperimentConfig) -> None:
-        import threading
-
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(cfg,), name="coin-ray-base", daemon=True)
-        self._thread.start()
-
-    def _run(self, cfg: ExperimentConfig) -> None:
-        from coin_ray.profiling import span
-        from coin_ray.training.build import build_base
-
-        try:
-            with span("base pretraining"):
-                build_base(cfg, Path(cfg.storage_path).resolve())
-        except BaseException as error:  # handed to the driver's thread by wait()
-            self.error = error
-
-    def wait(self) -> None:
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-def needs_base(cfg: ExperimentConfig) -> bool:
-    """Whether the run's base is the tiny model instruction-pretrained by `build.build_base`."""
-    return cfg.model.source == "tiny" and cfg.model.pretrain_steps > 0
-
-
-def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None,
-                 base: BackgroundBase | None = None) -> PreparedData:
-    """Generate (synthetic) and preprocess the tasks once; cached by content hash under the storage path.
-    `base`: the base pretraining already under way (else it is trained here, after the data)."""
+def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) -> PreparedData:
+    """Generate (synthetic) and preprocess the tasks once; cached by content hash under the storage path."""
     from pipelines.preprocess import preprocess
 
     from coin_ray.profiling import span
@@ -106,8 +69,12 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None,
                                 f"CoIN needs <Task>/train.json and <Task>/test.json (or val.json)")
         splits[task] = {"train": str(out / task / "train"), "test": str(out / task / test_split)}
         rows[task] = {"train": int(entry["train"]["rows"]), "test": int(entry[test_split]["rows"])}
-    if needs_base(cfg):  # train (or find) the instruction-pretrained base once here, so trials only load it
-        (base or BackgroundBase(cfg)).wait()
+    if cfg.model.source == "tiny" and cfg.model.pretrain_steps > 0:
+        # train (or find) the instruction-pretrained base once here, so trials only load it
+        from coin_ray.training.build import build_base
+
+        with span("base pretraining"):
+            build_base(cfg, storage)
     return PreparedData(processed=str(out), splits=splits, rows=rows, data_hash=manifest["content_hash"],
                         benchmark=d.benchmark, instructions=str(instructions), images=str(images))
 
