@@ -1,4 +1,4 @@
-"""Rows/s of the Ray Data preprocessing pipeline vs a plain single-process loop doing the same work.
+"""Rows/s of the Ray preprocessing pipeline vs a plain single-process loop doing the same work.
 
     python benchmarks/preprocess_throughput.py [--rows 2000] [--num-cpus 2] [--smoke-test]
 

@@ -1,4 +1,4 @@
-"""Ray Data preprocessing: CoIN JSON (or local HF datasets) + images -> tokenised Parquet + manifest.
+"""Ray preprocessing: CoIN JSON (or local HF datasets) + images -> tokenised Parquet + manifest.
 
     >>> from pipelines import preprocess, load_split
     >>> manifest = preprocess("data/Instructions", "data/images", ["ScienceQA"], "runs/data")

@@ -1,7 +1,7 @@
 """The image-bound stage of the pipeline: decode images and encode rows, one processor per Ray worker process.
 
-`encode_blocks` is the function given to `Dataset.map_batches` (Ray tasks, one block of validated work items
-at a time, as Arrow tables of `ITEM_SCHEMA`); it keeps one `Encoder` per worker process, and `encode_block`
+`encode_items` is what each encoding Ray task runs (one block of validated work items, an Arrow table of
+`ITEM_SCHEMA`); it keeps one `Encoder` per worker process, and `encode_block`
 turns a block into the stored row schema batch by batch and writes it as one Parquet file. Images that fail to decode are not rows: they come back with the block's summary, which the driver writes into
 OUT/rejected.jsonl. An image above
 `max_image_pixels` is refused from its header, before its pixels are decoded (`image_too_large`); PIL's own
@@ -210,22 +210,18 @@ def prefetch_imports() -> None:
         _PREFETCH[0].start()
 
 
-def encode_blocks(items: pa.Table, *, model_source: str, model_kwargs: dict[str, Any], max_length: int,
-                  max_image_pixels: int, out: str, batch_size: int) -> pa.Table:
-    """map_batches function (batch_size=None: one whole block): `encode_block` with this worker process's
+def encode_items(items: pa.Table, *, model_source: str, model_kwargs: dict[str, Any], max_length: int,
+                 max_image_pixels: int, out: str, batch_size: int) -> list[dict[str, Any]]:
+    """One encoding task's work (one whole block): `encode_block` with this worker process's
     Encoder, built on its first task and reused by every later one (a run pays that start-up once per
-    process, not once per task). Returns the small per-file summaries as a table."""
+    process, not once per task). Returns the small per-file summaries."""
     key = json.dumps([model_source, model_kwargs, max_length, max_image_pixels], sort_keys=True)
     encoder = _WORKER_ENCODER.get(key)
     if encoder is None:
         _WORKER_ENCODER.clear()
         encoder = _WORKER_ENCODER[key] = Encoder(model_source, model_kwargs, max_length,
                                                  max_image_pixels=max_image_pixels)
-    return pa.Table.from_pylist(encode_block(encoder, items, Path(out), batch_size), schema=_SUMMARY_SCHEMA)
-
-
-_SUMMARY_SCHEMA = pa.schema([("task", pa.string()), ("split", pa.string()), ("rows", pa.int64()),
-                             ("bytes", pa.int64()), ("rejected", pa.string())])
+    return encode_block(encoder, items, Path(out), batch_size)
 
 
 def _rejection(item: dict[str, Any], kind: str, reason: str) -> dict[str, Any]:

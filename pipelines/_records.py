@@ -2,7 +2,7 @@
 
 The driver parses the JSON listings; `validate_records` (field checks + one resolve and stat per image) runs
 on chunks of records in Ray tasks during a pipeline run (`merge_chunks` joins their verdicts), or in one
-loop for `plan`; decoding images is left to the Ray Data stage. A bad record becomes a `Rejection`; a bad
+loop for `plan`; decoding images is left to the encoding tasks. A bad record becomes a `Rejection`; a bad
 *file* (invalid JSON, missing task folder) raises `PipelineInputError`, because no record of it can be trusted.
 
 Internal fields never come from user data: the embedded-image reference of a HF dataset row sits under the key
@@ -169,7 +169,7 @@ def _is_empty(value: Any) -> bool:
 def validate_records(task: str, split: str, source: str, records: Iterable[Any], image_root: Path,
                      reference: Callable[[dict[str, Any]], Any], max_rows: int | None = None,
                      start: int = 0) -> SplitRecords:
-    """Check each record of one split; accepted ones become work items for the Ray Data stage.
+    """Check each record of one split; accepted ones become work items for the encoding tasks.
 
     Train items carry (question, answer); test items carry (question, reference as JSON text, size).
     `reference` is the task's `reference_from_record`. A train answer of a box task (Grounding) must be a

@@ -16,7 +16,7 @@ Read the Parquet with `pipelines.load_split` (it selects the split's columns fro
 The driver parses the JSON listings; Ray tasks validate chunks of records (field checks, image path and stat),
 keeping the accepted items in the object store and sending the driver only verdicts and image fingerprints
 (for the content hash). A rerun whose inputs and config hash to the manifest's `content_hash` returns the
-existing manifest; otherwise Ray Data decodes and encodes the items in tasks, each worker process building
+existing manifest; otherwise one Ray task per block decodes and encodes its items, each worker process building
 the processor once, and each task writes its block's Parquet file (encoded pixels never cross the object store). The
 run is written to a temp folder beside OUT and renamed into place, so OUT is never half-written.
 """
@@ -36,7 +36,7 @@ import ray
 
 from pipelines import _hf
 from pipelines._annotations import TEXTVQA, load_textvqa_answers, with_textvqa_answers
-from pipelines._encode import encode_blocks, prefetch_imports, stored_columns
+from pipelines._encode import encode_items, prefetch_imports, stored_columns
 from pipelines._hashing import ContentHasher
 from pipelines._records import (DEFAULT_MAX_IMAGE_PIXELS, PipelineInputError, SplitRecords,
                                 from_portable, merge_chunks, read_json_list, split_files, to_portable,
@@ -276,7 +276,7 @@ class _RayValidator:
     The driver gets back only each chunk's verdicts (rejections, accepted indices, image fingerprints); with
     max_rows, chunks go out a wave at a time and stop once enough records are accepted. The first call
     starts a local Ray if none is running (`close` stops it) and has every worker process start importing
-    the encoder's libraries, which overlaps with validation and with Ray Data's own start."""
+    the encoder's libraries, which overlaps with validation."""
 
     def __init__(self) -> None:
         self.cpus = 0
@@ -345,20 +345,26 @@ def _head(table: Any, n: int) -> Any:
 def _encode(splits: list[SplitRecords], tmp: Path, model_source: str, model_kwargs: dict[str, Any],
             max_length: int, batch_size: int, workers: int,
             max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[dict[str, Any]]:
-    """Run the Ray Data stage over every accepted item (the blocks the validation tasks left in the object
-    store): each task encodes one block and writes its Parquet file, so encoded pixels never cross the object
-    store and only small summaries come back. Returns the encoder's rejections. Needs a running Ray."""
-    import ray.data
-
+    """One Ray task per accepted block (the blocks the validation tasks left in the object store), at most
+    `workers` at once: each encodes its block and writes its Parquet file, so encoded pixels never cross the
+    object store and only small summaries come back. Returns the encoder's rejections. Needs a running Ray."""
     blocks = [b for s in sorted(splits, key=lambda s: SPLITS.index(s.split)) for b in s.blocks]
-    if not blocks:
-        return []
-    summaries = ray.data.from_arrow_refs(blocks).map_batches(
-        encode_blocks, batch_size=None, batch_format="pyarrow", num_cpus=1, concurrency=workers,
-        fn_kwargs={"model_source": model_source, "model_kwargs": model_kwargs, "max_length": max_length,
-                   "max_image_pixels": max_image_pixels, "out": str(tmp), "batch_size": batch_size},
-    ).take_all()
+    settings = {"model_source": model_source, "model_kwargs": model_kwargs, "max_length": max_length,
+                "max_image_pixels": max_image_pixels, "out": str(tmp), "batch_size": batch_size}
+    pending: list[Any] = []
+    summaries: list[dict[str, Any]] = []
+    for block in blocks:
+        if len(pending) >= workers:
+            done, pending = ray.wait(pending, num_returns=1)
+            summaries += [s for result in ray.get(done) for s in result]
+        pending.append(_encode_block.remote(block, **settings))
+    summaries += [s for result in ray.get(pending) for s in result]
     return [r for summary in summaries for r in json.loads(summary["rejected"])]
+
+
+@ray.remote(num_cpus=1)
+def _encode_block(items: Any, **settings: Any) -> list[dict[str, Any]]:
+    return encode_items(items, **settings)
 
 
 def _per_row(nbytes: int, rows: int) -> float | None:

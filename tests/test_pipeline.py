@@ -429,6 +429,30 @@ def test_train_rows_mask_prompt_and_collate(coin_run) -> None:
 
 
 @pytest.mark.integration
+def test_encoding_tasks_write_the_rows_one_process_writes(coin_run, tmp_path: Path) -> None:
+    """The Ray tasks' Parquet holds exactly the rows of `encode_block` over the same items in this process
+    (as the throughput benchmark's plain loop runs it), whichever worker process and block wrote them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import plan
+    from pipelines._encode import ITEM_SCHEMA, Encoder, encode_block
+
+    _, instr, images, _, out, _ = coin_run
+    local = plan(instr, images, "ScienceQA,Grounding", model_kwargs=TINY, max_length=256)
+    encoder = Encoder("tiny", TINY, 256)
+    for s in local.splits:
+        encode_block(encoder, pa.Table.from_pylist(s.items, schema=ITEM_SCHEMA), tmp_path, 4)
+    for task in ("ScienceQA", "Grounding"):
+        for split in ("train", "test"):
+            def rows(folder: Path) -> pa.Table:
+                table = pa.concat_tables(pq.read_table(f) for f in sorted(folder.glob("*.parquet")))
+                return table.sort_by("index")
+            ours, theirs = rows(tmp_path / task / split), rows(out / task / split)
+            assert ours.num_rows > 0 and ours.equals(theirs), (task, split)
+
+
+@pytest.mark.integration
 def test_test_rows_keep_what_evaluation_needs(coin_run) -> None:
     from pipelines import load_split
 
