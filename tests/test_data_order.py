@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from coin_ray.config import ExperimentConfig
-from coin_ray.training.data_order import row_keys, split_indices
+from coin_ray.training.data_order import derived_seed, order_keys, row_keys, split_indices
 
-pytestmark = pytest.mark.integration  # preprocesses the synthetic benchmark (about a minute on 2 cores)
+integration = pytest.mark.integration  # the `prepared` benchmark: preprocessed once (about a minute on 2 cores)
 
 ROWS = 48  # train rows of ScienceQA / TextVQA in the prepared benchmark below
 
@@ -44,6 +44,7 @@ def _stage_rows(cfg, data, k, local=True):
     return [(t, int(i)) for b in batches for t, i in zip(b["task"], b["index"])], rows[k]
 
 
+@integration
 def test_a_sorted_split_is_trained_in_a_seeded_global_order_every_epoch(prepared):
     storage, data = prepared
     cfg = _cfg(storage, **{"train.max_steps": 2 * ROWS // 8})  # two epochs of stage 0
@@ -58,6 +59,46 @@ def test_a_sorted_split_is_trained_in_a_seeded_global_order_every_epoch(prepared
     assert _stage_rows(cfg.replace(**{"train.seed": 1}), data, 0)[0] != order
 
 
+def _key_order(rows, seed, epochs):
+    """`rows` ((task, index) pairs) as `epochs` passes, pass e sorted by the keys of its seed: the order the
+    keys define, computed here without Ray."""
+    tasks, indices = [t for t, _ in rows], [i for _, i in rows]
+    return [rows[j] for e in range(epochs)
+            for j in np.argsort(order_keys(derived_seed(seed, "epoch", e), tasks, indices), kind="stable")]
+
+
+@integration
+def test_a_streamed_stage_is_sorted_into_the_order_of_a_small_one_whatever_its_blocks(prepared):
+    """A stage over data.materialize_below_mb streams from Parquet and Ray Data sorts it: the same rows in the
+    same order as the small-stage path - the order the keys define, epoch after epoch - for any block split."""
+    import ray
+
+    from coin_ray.training.data_order import epoch_stream
+    from coin_ray.training.stages import stage_seed
+
+    storage, data = prepared
+    n = ROWS + 8
+    cfg = _cfg(storage, **{"train.replay_per_task": 8, "train.max_steps": 3 * n // 8})  # stage 1: 3 epochs
+    local, rows = _stage_rows(cfg, data, 1)
+    assert rows == n and len(local) == 3 * n
+    assert local == _key_order(sorted(set(local)), stage_seed(0, ("ScienceQA", "TextVQA")), 3)
+    streamed, _ = _stage_rows(cfg.replace(**{"data.materialize_below_mb": 0}), data, 1)  # as a run streams it
+    assert streamed == local
+    # one split read in other block splits, sorted into other numbers of partitions per epoch
+    split = data.splits["ScienceQA"]["train"]
+    expected = _key_order([("ScienceQA", i) for i in range(ROWS)], 7, 2)
+    blocks = set()
+    for n_blocks, partitions in ((1, 2), (6, 3)):
+        read = ray.data.read_parquet(split).repartition(n_blocks).materialize()
+        blocks.add(read.num_blocks())
+        ds = epoch_stream(read, 7, 2, local=False, partitions=partitions)
+        assert [(t, int(i)) for b in ds.iter_batches(batch_size=8, batch_format="pandas")
+                for t, i in zip(b["task"], b["index"])] == expected
+        assert ds.schema().names == read.schema().names  # the sort columns are dropped
+    assert len(blocks) == 2
+
+
+@integration
 def test_replay_is_a_seeded_random_sample_spread_through_the_stage(prepared):
     storage, data = prepared
     cfg = _cfg(storage, **{"train.replay_per_task": 8})
@@ -73,6 +114,7 @@ def test_replay_is_a_seeded_random_sample_spread_through_the_stage(prepared):
     assert other != replayed
 
 
+@integration
 def test_train_fraction_and_max_train_rows_draw_seeded_random_subsets(prepared):
     storage, data = prepared
     half, n = _stage_rows(_cfg(storage, **{"data.train_fraction": 0.5}), data, 0)
@@ -86,6 +128,7 @@ def test_train_fraction_and_max_train_rows_draw_seeded_random_subsets(prepared):
                                             data, 0)[0]) == kept
 
 
+@integration
 def test_the_slim_test_subset_is_random_and_the_same_in_every_trial(prepared):
     from coin_ray.evaluation.generation import iter_test_batches, test_subset
 
@@ -111,6 +154,7 @@ def test_row_keys_depend_on_seed_task_and_index_only():
     assert 300 < ranks.mean() < 700  # a sample of the smallest keys is spread over the split
 
 
+@integration
 def test_synthetic_instruction_styles_are_generated(tmp_path):
     from coin_ray.models import build_tokenizer
     from coin_ray.synthetic import write_synthetic_benchmark
@@ -131,6 +175,31 @@ def test_synthetic_instruction_styles_are_generated(tmp_path):
     assert multi == [], f"words outside the tiny vocabulary: {multi}"
 
 
+@integration
 def test_split_indices_reads_the_index_column(prepared):
     _, data = prepared
     assert sorted(split_indices(data.splits["ScienceQA"]["train"]).tolist()) == list(range(ROWS))
+
+
+def test_coin_instruction_styles_are_found_beside_or_inside_the_original_folder(tmp_path):
+    from coin_ray.training.continual import RunSetupError, coin_instructions
+
+    original = tmp_path / "CoIN" / "Instructions_Original"
+    original.mkdir(parents=True)
+    assert coin_instructions(str(original), "original") == original
+    (tmp_path / "CoIN" / "Instructions_Diverse").mkdir()
+    assert coin_instructions(str(original), "diverse") == tmp_path / "CoIN" / "Instructions_Diverse"
+    (original / "Instructions_10Type").mkdir()  # not a sibling: the sub-folder of that name inside
+    assert coin_instructions(str(original), "10type") == original / "Instructions_10Type"
+    plain = tmp_path / "Instructions"  # not a style folder: only the sub-folder is a candidate
+    plain.mkdir()
+    (tmp_path / "Instructions_Diverse").mkdir()
+    with pytest.raises(RunSetupError) as missing:
+        coin_instructions(str(plain), "diverse")
+    assert str(missing.value).split(";")[0].endswith(f"no Instructions_Diverse folder at {plain / 'Instructions_Diverse'}")
+    (tmp_path / "CoIN" / "Instructions_Diverse").rmdir()
+    with pytest.raises(RunSetupError) as neither:
+        coin_instructions(str(original), "diverse")
+    message = str(neither.value)
+    assert "\n" not in message and "data.instruction_style diverse" in message
+    assert f"{tmp_path / 'CoIN' / 'Instructions_Diverse'} or {original / 'Instructions_Diverse'}" in message

@@ -315,3 +315,23 @@ def test_task_order_smoke_sweep_compares_methods(tmp_path):
     assert (table["min"] <= table["mean"]).all() and (table["mean"] <= table["max"]).all()
     artifacts = [a.path for a in client.list_artifacts(sweep.info.run_id, "analysis")]
     assert "analysis/methods.png" in artifacts
+
+
+@pytest.mark.integration
+def test_the_joint_baseline_is_a_tagged_child_of_the_sweep_run(tmp_path):
+    """--baselines joint adds one trial that trains once on the union of the tasks: in MLflow a child of the
+    sweep's run, tagged coin_ray.baseline=joint, beside the order's trial (which carries no such tag)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = _run("task_order.py", *ONE_ORDER, "--baselines", "joint", "--storage-path", str(tmp_path / "runs"),
+                "--tracking-uri", uri, "--experiment", "joint", "--set", "train.max_steps=2",
+                "--set", "model.pretrain_steps=0", "--set", "data.train_rows=16", "--set", "data.test_rows=4",
+                "--set", "eval.batch_size=4", "--set", "eval.judge=none", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    children, parents = _children(uri, "joint")
+    assert len(parents) == 1 and len(children) == 2
+    joint = [c for c in children if c.data.tags.get("coin_ray.baseline") == "joint"]
+    assert len(joint) == 1 and joint[0].info.run_name.startswith("joint-s0-")
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    order = next(c for c in children if c is not joint[0])
+    assert order.data.params["task_order"] == "ScienceQA>TextVQA" and "coin_ray.baseline" not in order.data.tags
+    assert joint[0].data.metrics["bwt"] == 0 and joint[0].data.metrics["mft"] == joint[0].data.metrics["mfn"]

@@ -166,3 +166,31 @@ def test_a_judge_that_is_down_leaves_null_knowledge_and_nothing_cached(prepared,
             replies = [p["prediction"] for p in cell["predictions"]]
             assert len(replies) == cell["n"] == 8
             assert up.knowledge_matrix[k][j] == pytest.approx(sum(0.7 for r in replies if r.strip()) / 8)
+
+
+@pytest.mark.integration
+def test_a_task_with_its_own_batch_size_trains_its_stage_with_it(prepared):
+    """train.batch_size_per_task: TextVQA's stage trains 48 rows in batches of 16 (3 steps of one epoch), the
+    ScienceQA stage before it in batches of 8 (6 steps); the stage key carries the stage's own batch size, so
+    the ScienceQA stage is shared with a run without the per-task entry."""
+    from coin_ray.training import run_continual
+    from coin_ray.training.continual import stage_schedule
+    from coin_ray.training.stages import stage_material
+
+    storage, data = prepared
+    both = ("ScienceQA", "TextVQA")
+    common = {"order": list(both), "train.max_steps": 0, "train.epochs": 1}
+    own = _cfg(storage, "own-batch", **common, **{"train.batch_size_per_task": {"TextVQA": 16}})
+    steps: list[int] = []
+    first = run_continual(own, prepared=data, step_callbacks=[lambda stage, step: steps.append(stage)])
+    assert (steps.count(0), steps.count(1)) == (48 // 8, 48 // 16) and first.stages_reused == ()
+    assert stage_schedule(own, both, 48) == (16, 16, 3) and stage_schedule(own, both[:1], 48) == (8, 8, 6)
+    stages = json.loads((storage / "runs" / "own-batch" / "stages.json").read_text())
+    losses = json.loads((Path(stages[1]["path"]) / "checkpoint" / "train_losses.json").read_text())
+    assert [step for step, _ in losses] == [1, 2, 3]
+    assert [stage_material(own, data.data_hash, p)["train.batch_size"] for p in (both[:1], both)] == [8, 16]
+
+    steps.clear()
+    plain = run_continual(_cfg(storage, "plain-batch", **common), prepared=data,
+                          step_callbacks=[lambda stage, step: steps.append(stage)])
+    assert plain.stages_reused == (0,) and steps == [1] * (48 // 8)  # TextVQA at batch 8: its own stage

@@ -8,9 +8,10 @@ the same seed gives the same rows in the same order in every trial, after a resu
 - A subset of m rows of a split is the m rows with the smallest keys (`subset_indices`); the driver reads
   only the split's `index` column to pick them, and a filter keeps them (`keep_rows`).
 - An epoch is the stage's rows (replay included) sorted by their keys under that epoch's seed; a stage of E
-  epochs is E such epochs in one dataset (`epoch_stream`), iterated once by the training loop. A big stage is
-  sorted by Ray Data (`shuffled`: distributed, nothing collected on the driver); a small one, already in the
-  object store, is permuted here (the same order, without a sort's tasks).
+  epochs is E such epochs one after the other in one dataset (`epoch_stream`), iterated once by the training
+  loop. A big stage is sorted by Ray Data (`sorted_epochs`: one distributed sort of all E epochs, nothing
+  collected on the driver); a small one, already in the object store, is permuted here (the same order,
+  without a sort's tasks).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 # past task; 2: a seeded global shuffle per epoch, seeded random replay and train subsets.
 DATA_ORDER_VERSION = 2
 ORDER_COLUMN = "_order"
+BUCKET_COLUMN = "_order_bucket"
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -103,38 +105,53 @@ def order_keys(seed: Any, tasks: Any, indices: Any) -> np.ndarray:
     return (row_keys(seed, tasks, indices) >> np.uint64(1)).astype(np.int64)
 
 
-def shuffled(ds: Any, seed: Any, partitions: int = 2) -> Any:
-    """`ds` in a seeded random order: rows sorted by `order_keys(seed, task, index)`, a distributed Ray Data
-    sort into `partitions` blocks. The keys are uniform, so the boundaries are known without sampling."""
+def sorted_epochs(ds: Any, seed: Any, epochs: int, partitions: int = 2) -> Any:
+    """`epochs` passes over `ds` as one dataset, pass e in the order of `order_keys(derived_seed(seed, "epoch",
+    e), task, index)`: one distributed Ray Data sort of every pass's rows by (pass, key), into `partitions`
+    blocks per pass (nothing collected on the driver). The keys are uniform, so the boundaries are known
+    without sampling: a row's bucket is its pass x partitions + the partition its key falls in, the primary
+    sort column, and its key breaks the ties within a bucket.
 
-    def add_key(table: Any) -> Any:
-        import pyarrow as pa
-
-        keys = order_keys(seed, table["task"].to_numpy(zero_copy_only=False), table["index"].to_numpy())
-        return table.append_column(ORDER_COLUMN, pa.array(keys, type=pa.int64()))
+    The passes are sorted together, not each on its own and then concatenated: Ray Data's `union` of datasets
+    interleaves their blocks (round-robin under preserve_order, in arrival order without it), so the union of
+    per-pass sorts would mix the passes' blocks, by a pattern that depends on how many blocks each pass has."""
+    import pyarrow as pa
 
     parts = max(2, partitions)
-    boundaries = [int(i * (2**63 // parts)) for i in range(1, parts)]
-    return (ds.map_batches(add_key, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-            .sort(ORDER_COLUMN, boundaries=boundaries).drop_columns([ORDER_COLUMN]))
+    width = 2**63 // parts
+
+    def keyed(e: int) -> Any:
+        pass_seed = derived_seed(seed, "epoch", e)
+
+        def add_keys(table: Any) -> Any:
+            keys = order_keys(pass_seed, table["task"].to_numpy(zero_copy_only=False), table["index"].to_numpy())
+            buckets = e * parts + np.minimum(keys // width, parts - 1)
+            return (table.append_column(BUCKET_COLUMN, pa.array(buckets, type=pa.int64()))
+                    .append_column(ORDER_COLUMN, pa.array(keys, type=pa.int64())))
+
+        return ds.map_batches(add_keys, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+    passes = [keyed(e) for e in range(max(1, epochs))]
+    both = passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]  # any block order: sorted next
+    return (both.sort([BUCKET_COLUMN, ORDER_COLUMN], boundaries=list(range(1, len(passes) * parts)))
+            .drop_columns([BUCKET_COLUMN, ORDER_COLUMN]))
 
 
 def epoch_stream(ds: Any, seed: int, epochs: int, *, local: bool = False, partitions: int = 2) -> Any:
     """`epochs` passes over `ds`, each in its own seeded random order, as one dataset. `local` (a small stage
     whose rows are already in the object store): the rows are read here once and each epoch is a permuted copy
-    (`Table.take`), without a Ray sort's tasks; the order is the same as the sort's (the same keys)."""
+    (`Table.take`), without a Ray sort's tasks; else `sorted_epochs`. Both give the same order (the same keys)."""
     epochs = max(1, epochs)
-    if local:
-        import pyarrow as pa
-        import ray
+    if not local:
+        return sorted_epochs(ds, seed, epochs, partitions)
+    import pyarrow as pa
+    import ray
 
-        table = pa.concat_tables([ray.get(ref) for ref in ds.to_arrow_refs()])
-        tasks, indices = table["task"].to_numpy(zero_copy_only=False), table["index"].to_numpy()
-        perms = [np.argsort(order_keys(derived_seed(seed, "epoch", e), tasks, indices), kind="stable")
-                 for e in range(epochs)]
-        return ray.data.from_arrow([table.take(pa.array(p)) for p in perms])
-    parts = [shuffled(ds, derived_seed(seed, "epoch", e), partitions) for e in range(epochs)]
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    table = pa.concat_tables([ray.get(ref) for ref in ds.to_arrow_refs()])
+    tasks, indices = table["task"].to_numpy(zero_copy_only=False), table["index"].to_numpy()
+    perms = [np.argsort(order_keys(derived_seed(seed, "epoch", e), tasks, indices), kind="stable")
+             for e in range(epochs)]
+    return ray.data.from_arrow([table.take(pa.array(p)) for p in perms])
 
 
 def stage_steps(max_steps: int, epochs: float, rows: int, per_step: int) -> int:
