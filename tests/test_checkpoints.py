@@ -289,7 +289,7 @@ def test_sweep_on_a_float16_folder_and_a_failing_trial_exits_non_zero(tmp_path):
         path.write_text(yaml.safe_dump(config))
         return subprocess.run(
             [sys.executable, str(root / "sweeps" / "task_order.py"), "--config", str(path), "--design", "given",
-             "--orders", "ScienceQA>TextVQA", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri,
+             "--orders", "ScienceQA>TextVQA", "--seeds", "1", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri,
              "--experiment", experiment], cwd=tmp_path, capture_output=True, text=True, timeout=900)
 
     good = sweep(save_tiny_checkpoint(tmp_path / "fp16", torch.float16), "fp16")

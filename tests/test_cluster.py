@@ -86,7 +86,7 @@ def test_sweep_joins_a_two_node_cluster_started_with_ray_start(two_node_cluster,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep = subprocess.run(
         [sys.executable, str(ROOT / "sweeps" / "task_order.py"), "--design", "given",
-         "--orders", "ScienceQA>TextVQA;TextVQA>ScienceQA", "--address", address,
+         "--orders", "ScienceQA>TextVQA;TextVQA>ScienceQA", "--seeds", "1", "--address", address,
          "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri, "--experiment", "cluster", *TINY],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
