@@ -42,7 +42,7 @@ def span(phase: str, **labels: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        record(path, {"phase": phase, "start": start, "end": time.time(), "pid": os.getpid(), **_labels, **labels})
+        record_span(phase, start, time.time(), **labels)
 
 
 def record_span(phase: str, start: float, end: float, **labels: Any) -> None:

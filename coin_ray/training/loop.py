@@ -29,7 +29,7 @@ from coin_ray.training.worker import LoadedWeights, WorkerEnv, WorkerRun, progre
 def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> RunResult | None:
     """Run (or resume) every stage of the order on this worker. `config["worker"]` is a `WorkerConfig`."""
     wc: WorkerConfig = config["worker"]
-    profiling.label(trial=ExperimentConfig.from_dict(wc.experiment).name)
+    profiling.label(trial=wc.experiment["name"])  # the config itself is parsed once, by start_run
     if "fit_started" in config:  # a Ray Train worker: the controller's and this process's start
         born = max(profiling.process_started(), config["fit_started"])  # a pooled process may be older
         profiling.record_span("trial start-up", config["fit_started"], born, part="Ray Train start")
