@@ -11,7 +11,8 @@ pipeline's time also includes its worker processes importing torch and transform
 longer runs amortise (the loop's process has them imported before its clock starts); it excludes `ray.init` (a cluster is already running in use). The pipeline then runs a second time on
 the same worker processes (`warm_*`: imports and processor already done), which is the rate a long run
 (CoIN's ~500k rows) settles at. The loop runs before and after the pipeline and its time is the mean of the
-two, so a drift in the machine's speed during the run does not favour either side. The process pins
+two, so a drift in the machine's speed during the run does not favour either side; each timed part starts
+after `os.sync()`, so none pays for writing back the Parquet of the part before. The process pins
 itself (and so Ray) to --num-cpus cores, so a bigger machine measures the same budget, and runs Ray's
 workers at its own CPU priority (Ray renices them to 15 by default, which on a machine shared with other
 work would starve the pipeline side only; a dedicated cluster node is unaffected). Prints one JSON
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         max_length = 4096
 
         def loop(folder: str) -> tuple[int, float]:
+            os.sync()
             start = time.perf_counter()
             kept = plain_loop(instr, images, root / folder, model_kwargs, max_length, args.batch_size)
             return kept, time.perf_counter() - start
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             DataContext.get_current().enable_progress_bars = False
             timed = {}
             for run in ("ray", "ray_warm"):  # cold (workers import and build), then again on the same workers
+                os.sync()
                 t0 = time.perf_counter()
                 manifest = preprocess(instr, images, ["VQAv2"], root / run, model_kwargs=model_kwargs,
                                       max_length=max_length, batch_size=args.batch_size, force=True)
