@@ -21,6 +21,27 @@ def test_stage_seed_depends_on_prefix_only():
     assert stage_seed(0, ("A",)) != stage_seed(1, ("A",))
 
 
+def test_the_run_config_unpickles_without_torch_and_every_package_name_loads():
+    """Ray Train's controller unpickles the run's WorkerConfig: that must not import torch (seconds per trial)."""
+    import pickle
+    import subprocess
+    import sys
+
+    from coin_ray.training.types import PreparedData, WorkerConfig
+
+    config = pickle.dumps({"worker": WorkerConfig(
+        experiment=_cfg("/tmp/x", "probe").to_dict(), stage_rows=(48,),
+        data=PreparedData("p", {"ScienceQA": {"train": "t"}}, {"ScienceQA": {"train": 48}}, "h", "synthetic", "i", "m"))})
+    probe = "import pickle, sys; c = pickle.loads(sys.stdin.buffer.read()); print(c['worker'].stage_rows, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], input=config, capture_output=True, check=True).stdout
+    assert out.decode().split() == ["(48,)", "False"]
+    import coin_ray.training as training
+
+    assert all(getattr(training, name) is not None for name in training.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        training.nope
+
+
 def _cfg(storage, name, workers=0, **extra):
     return ExperimentConfig.from_dict({
         "order": ORDER, "name": name, "storage_path": str(storage), "scaling.num_workers": workers, "eval.judge": "none",
