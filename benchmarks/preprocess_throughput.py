@@ -8,9 +8,10 @@ end with Parquet on disk (both through `encode_block`: one file per block of at 
 `pipelines.preprocess.CHUNK_ROWS` rows); both run the same record validation and content hash
 (`validate_records`: the loop in this process, the pipeline in Ray tasks) and build the processor. The
 pipeline's time also includes its worker processes importing torch and transformers, a fixed cost that
-longer runs amortise (the loop's process has them imported before its clock starts); it excludes `ray.init` (a cluster is already running in use). The pipeline then runs a second time on
-the same worker processes (`warm_*`: imports and processor already done), which is the rate a long run
-(CoIN's ~500k rows) settles at. The loop runs before and after the pipeline and its time is the mean of the
+longer runs amortise (the loop's process has them imported before its clock starts); it excludes
+`ray.init` (a cluster is already running in use). The pipeline then runs a second time on the same worker
+processes (`warm_*`: imports and processor already done), which is the rate a long run (CoIN's ~500k rows)
+settles at. The loop runs before and after the pipeline and its time is the mean of the
 two, so a drift in the machine's speed during the run does not favour either side; each timed part starts
 after `os.sync()`, so none pays for writing back the Parquet of the part before. The process pins
 itself (and so Ray) to --num-cpus cores, so a bigger machine measures the same budget, and runs Ray's
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,11 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         gen_s = time.perf_counter() - t0
         max_length = 4096
 
-        def loop(folder: str) -> tuple[int, float]:
+        def timed(work: Any) -> tuple[Any, float]:
+            """work()'s result and seconds, after writing back what the part before wrote (`os.sync`)."""
             os.sync()
             start = time.perf_counter()
-            kept = plain_loop(instr, images, root / folder, model_kwargs, max_length, args.batch_size)
-            return kept, time.perf_counter() - start
+            result = work()
+            return result, time.perf_counter() - start
+
+        def loop(folder: str) -> tuple[int, float]:
+            return timed(lambda: plain_loop(instr, images, root / folder, model_kwargs, max_length, args.batch_size))
 
         baseline_rows, loop_before_s = loop("baseline")
 
@@ -126,14 +132,12 @@ def main(argv: list[str] | None = None) -> int:
             from ray.data import DataContext
 
             DataContext.get_current().enable_progress_bars = False
-            timed = {}
-            for run in ("ray", "ray_warm"):  # cold (workers import and build), then again on the same workers
-                os.sync()
-                t0 = time.perf_counter()
-                manifest = preprocess(instr, images, ["VQAv2"], root / run, model_kwargs=model_kwargs,
-                                      max_length=max_length, batch_size=args.batch_size, force=True)
-                timed[run] = time.perf_counter() - t0
-            pipeline_s, warm_s = timed["ray"], timed["ray_warm"]
+            def pipeline(folder: str) -> tuple[dict, float]:
+                return timed(lambda: preprocess(instr, images, ["VQAv2"], root / folder, model_kwargs=model_kwargs,
+                                                max_length=max_length, batch_size=args.batch_size, force=True))
+
+            manifest, pipeline_s = pipeline("ray")  # cold: the workers import torch/transformers and build
+            warm_s = pipeline("ray_warm")[1]  # again on the same worker processes
         finally:
             ray.shutdown()
         shutil.rmtree(root / "ray_warm")
