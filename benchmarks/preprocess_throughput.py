@@ -9,9 +9,9 @@ end with Parquet on disk (both through `encode_block`: one file per block of at 
 (`validate_records`: the loop in this process, the pipeline in Ray tasks) and build the processor. The
 pipeline's time also includes its worker processes importing torch and transformers, a fixed cost that
 longer runs amortise (the loop's process has them imported before its clock starts); it excludes
-`ray.init` and the start of Ray's worker processes (a cluster in use has them running and idle). The pipeline then runs a second time on the same worker
-processes (`warm_*`: imports and processor already done), which is the rate a long run (CoIN's ~500k rows)
-settles at. The loop runs before and after the pipeline and its time is the mean of the
+`ray.init` and the start of Ray's worker processes (a cluster in use has them running and idle). The
+pipeline then runs a second time on the same worker processes (`warm_*`: imports and processor already
+done), which is the rate a long run (CoIN's ~500k rows) settles at. The loop runs before and after the pipeline and its time is the mean of the
 two, so a drift in the machine's speed during the run does not favour either side; each timed part starts
 after `os.sync()`, so none pays for writing back the Parquet of the part before. The process pins
 itself (and so Ray) to --num-cpus cores, so a bigger machine measures the same budget, and runs Ray's
@@ -76,10 +76,9 @@ def plain_loop(instr: Path, images: Path, out: Path, model_kwargs: dict, max_len
     return kept
 
 
-def _hold() -> int:
+def _hold() -> None:
     """Holds a CPU for a moment, so one such task per CPU runs in as many worker processes."""
     time.sleep(0.5)
-    return os.getpid()
 
 
 def _parquet_bytes(folder: Path) -> int:
@@ -140,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             DataContext.get_current().enable_progress_bars = False
             # A running cluster has its worker processes up and idle (Ray starts one per CPU); a fresh
             # ray.init returns before they are, so wait for them: the pipeline is timed from there.
-            ray.get([ray.remote(num_cpus=1)(_hold).remote() for _ in range(args.num_cpus)])
+            hold = ray.remote(num_cpus=1)(_hold)
+            ray.get([hold.remote() for _ in range(args.num_cpus)])
 
             def pipeline(folder: str) -> tuple[dict, float]:
                 return timed(lambda: preprocess(instr, images, ["VQAv2"], root / folder, model_kwargs=model_kwargs,
