@@ -149,7 +149,7 @@ def preprocess(
     """Preprocess `tasks` into `out` and return the manifest (reused as is when the content hash matches).
 
     Arguments as for `plan`; force: recompute even on a hash match; batch_size, num_actors (concurrent
-    encoding tasks; default: one per CPU Ray reports) tune speed only and are not part of the hash. Starts
+    encoding tasks; default: one per CPU in the Ray cluster) tune speed only and are not part of the hash. Starts
     a local Ray if none is running, and stops what it started.
     """
     started = time.perf_counter()
@@ -286,7 +286,9 @@ class _RayValidator:
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
             self._own_ray = True
-        self.cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        # the cluster's CPUs, not the ones free this instant: right after other tasks finish, Ray's view of
+        # free CPUs lags, and one sample would cap the whole run's concurrency (extra tasks simply queue)
+        self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         for _ in range(self.cpus):  # one per worker process, most likely (each holds a CPU for a moment)
             _prefetch.remote()
 
