@@ -53,7 +53,27 @@ METHODS = ("moelora", "lora", "full")
 CL_METHODS = ("none", "olora", "ewc", "lwf")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train.precision: the autocast dtype (coin_ray.models._precision)
 MODEL_DTYPES = ("auto", "bf16", "fp16", "fp32")  # model.dtype: the dtype the frozen base is held in
-PROMPTS = ("vicuna_v1", "checkpoint")  # model.prompt: CoIN's vicuna_v1, or the checkpoint's own chat template
+# model.prompt: auto (the family's own: CoIN's vicuna_v1 for LLaVA-1.5, the checkpoint's chat template for every
+# other family), CoIN's vicuna_v1, or the checkpoint's own chat template
+PROMPTS = ("auto", "vicuna_v1", "checkpoint")
+# model_type -> the prompt `auto` means (= each family's first `Family.prompts`; a test keeps them equal);
+# a family not listed is prompted with its checkpoint's chat template
+AUTO_PROMPTS = {"llava": "vicuna_v1"}
+
+
+def auto_prompt(source: Any) -> str | None:
+    """The prompt `model.prompt: auto` means for `source`: vicuna_v1 for the tiny model and LLaVA folders,
+    checkpoint for a folder of any other family; None when the folder's config.json cannot be read (the
+    model-source check then says why)."""
+    if source == "tiny":
+        return AUTO_PROMPTS["llava"]
+    if not isinstance(source, str):
+        return None
+    try:
+        model_type = json.loads((Path(source).expanduser() / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return AUTO_PROMPTS.get(model_type, "checkpoint") if isinstance(model_type, str) else None
 INSTRUCTION_STYLES = ("original", "diverse", "10type")  # = coin_ray.tasks.INSTRUCTION_STYLES (a test keeps them equal)
 JUDGES = ("none", "embedding", "llm")  # = coin_ray.evaluation.judges.JUDGE_KINDS (a test keeps them equal;
 # not imported so that reading a config never imports the HTTP stack)
@@ -172,7 +192,7 @@ class ModelConfig:
 
     source: str = "tiny"
     dtype: str = "auto"  # frozen base weights: auto (bf16 on CUDA with bf16, fp32 on CPU) | bf16 | fp16 | fp32
-    prompt: str = "vicuna_v1"  # vicuna_v1 (CoIN's prompt) | checkpoint (the folder's own chat template)
+    prompt: str = "auto"  # auto (the family's: vicuna_v1 for LLaVA, else checkpoint) | vicuna_v1 | checkpoint
     image_size: int = 32
     patch_size: int = 8
     vision_hidden: int = 64
@@ -185,6 +205,11 @@ class ModelConfig:
     pretrain_steps: int = 300  # tiny model: instruction-pretraining "stage 0" of the base (0 = off), cached
     pretrain_lr: float = 2e-3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # `auto` is resolved once, here, so the config (its MLflow params, its hash) holds the prompt trained with
+        if self.prompt == "auto":
+            object.__setattr__(self, "prompt", auto_prompt(self.source) or "auto")
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -551,9 +576,9 @@ class ExperimentConfig:
         merged = self.to_dict()
         for key, value in changes.items():
             section, dot, sub = key.partition(".")
-            if dot:
+            if dot and isinstance(merged.get(section), dict):
                 merged[section] = {**merged[section], sub: value}
-            else:
+            else:  # a top-level field, or a key no section has: from_dict names it as unknown
                 merged[key] = value
         return ExperimentConfig.from_dict(merged)
 

@@ -15,25 +15,27 @@ from pipelines._records import PipelineInputError
 TEXTVQA = "TextVQA"
 
 
-def load_textvqa_answers(path: str | Path) -> tuple[dict[str, list[str]], bytes]:
-    """question_id (as text) -> its human answers, and the file's bytes (for the content hash)."""
+def load_textvqa_answers(path: str | Path, setting: str = "--textvqa-annotations"
+                         ) -> tuple[dict[str, list[str]], bytes]:
+    """question_id (as text) -> its human answers, and the file's bytes (for the content hash). `setting`: how
+    the user gave the file, for the messages (the CLI flag, or the config key data.textvqa_annotations)."""
     path = Path(path).expanduser()
     try:
         raw = path.read_bytes()
         data = json.loads(raw)
     except OSError as e:
-        raise PipelineInputError(f"--textvqa-annotations {path}: cannot be read ({e.strerror})") from None
+        raise PipelineInputError(f"{setting} {path}: cannot be read ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PipelineInputError(f"--textvqa-annotations {path}: not valid JSON ({e})") from None
+        raise PipelineInputError(f"{setting} {path}: not valid JSON ({e})") from None
     entries = data.get("data") if isinstance(data, dict) else None
     if not isinstance(entries, list):
-        raise PipelineInputError(f"--textvqa-annotations {path}: expected the TextVQA annotation file, "
+        raise PipelineInputError(f"{setting} {path}: expected the TextVQA annotation file, "
                                  '{"data": [{"question_id": ..., "answers": [...]}, ...]}')
     answers: dict[str, list[str]] = {}
     for entry in entries:
         if not (isinstance(entry, dict) and "question_id" in entry and isinstance(entry.get("answers"), list)
                 and all(isinstance(a, str) for a in entry["answers"])):
-            raise PipelineInputError(f"--textvqa-annotations {path}: entry {str(entry)[:80]} lacks question_id or "
+            raise PipelineInputError(f"{setting} {path}: entry {str(entry)[:80]} lacks question_id or "
                                      "a list of answer strings")
         answers[str(entry["question_id"])] = list(entry["answers"])
     return answers, raw

@@ -104,12 +104,13 @@ def read_json_list(path: Path) -> tuple[list[Any], bytes]:
     return data, raw
 
 
-def split_files(instructions: Path, task: str) -> dict[str, Path]:
-    """{"train": path, "test": path} for one task folder; `val.json` is accepted for the test split."""
+def split_files(instructions: Path, task: str, setting: str = "--instructions") -> dict[str, Path]:
+    """{"train": path, "test": path} for one task folder; `val.json` is accepted for the test split.
+    `setting`: how the user gave the folder, for the message (the CLI flag, or the config key of a sweep)."""
     folder = instructions / task
     if not folder.is_dir():
         raise PipelineInputError(
-            f"task folder {folder} does not exist: --instructions must hold one folder per task "
+            f"task folder {folder} does not exist: {setting} must hold one folder per task "
             f"(<DIR>/{task}/train.json and test.json)")
     train = folder / "train.json"
     test = next((folder / n for n in TEST_FILE_NAMES if (folder / n).is_file()), None)

@@ -27,9 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alphas", default=None, help="alpha choices searched (default: alpha = 2 x rank in every "
                                                    "trial, CoIN's ratio, so rank is not confounded with the scale)")
     p.add_argument("--lr", default=None, help="lr range LOW,HIGH searched log-uniformly (default: fixed)")
-    p.add_argument("--methods", default="moelora", help="methods to compare: lora, moelora, full (plain "
-                                                         "sequential tuning), olora, ewc, lwf (on LoRA), each "
-                                                         "optionally +replay")
+    p.add_argument("--methods", default=None, help="methods to compare: lora, moelora, full (plain "
+                                                    "sequential tuning), olora, ewc, lwf (on LoRA), each "
+                                                    "optionally +replay (default: the config's method, moelora)")
     p.add_argument("--search-order", action="store_true", help="also search the task order (random keys)")
     p.add_argument("--multi-objective", action="store_true", help="maximise MFN and minimise forgetting (NSGA-II)")
     p.add_argument("--scheduler", choices=("asha", "none"), default="asha", help="stage-level early stopping")
@@ -57,7 +57,11 @@ def main(argv=None) -> None:
     lr = cli.parse_list("--lr", args.lr, float, minimum=None) if args.lr else None
     if lr and not (len(lr) == 2 and 0 < lr[0] < lr[1]):
         raise cli.UsageError(f"--lr takes a range LOW,HIGH with 0 < LOW < HIGH, got {args.lr!r} (e.g. --lr 1e-4,1e-2)")
-    methods = cli.check_methods(args.methods, cfg)
+    from coin_ray.methods import method_changes, method_label
+
+    # without --methods, the config's own method (tuner.method / cl.method as --set or --config give them)
+    args.methods = args.methods or method_label(cfg)
+    methods = cli.check_methods(args.methods, cfg, args) if "(" not in args.methods else [args.methods]
 
     import ray.tune as tune
     from optuna.samplers import NSGAIISampler, RandomSampler, TPESampler
@@ -78,8 +82,6 @@ def main(argv=None) -> None:
     if len(methods) > 1:
         space[keys.METHOD_KEY] = tune.choice(methods)
     else:
-        from coin_ray.methods import method_changes, method_label
-
         if methods[0] != method_label(cfg):
             cfg = cfg.replace(**method_changes(methods[0], cfg.train.replay_per_task))
     if args.search_order:

@@ -67,7 +67,7 @@ def plan(args: argparse.Namespace):
     if args.orders and kind != "given":
         raise cli.UsageError(f"--orders lists the orders of --design given (the design here is {kind}): "
                              f"add --design given or leave --orders out")
-    methods = cli.check_methods(args.methods, cfg) if args.methods else None
+    methods = cli.check_methods(args.methods, cfg, args) if args.methods else None
     if methods and kind == "optuna":
         raise cli.UsageError("--methods crosses a fixed order design with the methods; --design optuna searches "
                              "orders of one method (set it with --set tuner.method=... / cl.method=...)")
@@ -117,7 +117,7 @@ def main(argv=None) -> None:
     spec_kwargs["param_space"].update({space.hp(key): tune.grid_search(values) for key, values in grid.items()})
     name = args.name or (cli.default_sweep_name("task_order", kind, count, tasks, args)
                          + (f"-{'_'.join(methods)}" if methods else ""))
-    preflight(cfg, args)
+    preflight(cfg, args, grid)
     prepared = prepare(cfg, args)
     if orders is not None:
         cells = len(seeds) * math.prod(len(v) for v in grid.values())

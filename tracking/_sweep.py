@@ -47,7 +47,29 @@ def open_sweep_run(tracking_uri: str, experiment: str, sweep_name: str, params: 
     if params:
         call_with_retry(lambda: log_params_idempotent(client, client.get_run(run.info.run_id), params),
                         "log sweep params", deadline=deadline)
+    OPEN_SWEEP_RUNS[run.info.run_id] = uri
     return run.info.run_id
+
+
+# the sweep runs this process opened and has not closed (run id -> tracking URI): `fail_open_sweep_runs`
+# ends them when the sweep script dies of an error, so no sweep run stays RUNNING
+OPEN_SWEEP_RUNS: dict[str, str] = {}
+
+
+def fail_open_sweep_runs(error: BaseException) -> None:
+    """Close every sweep run this process left open as FAILED, with the error's first line as the tag
+    `coin_ray.error`; a tracking store that does not answer is left as it is (the error is what to report)."""
+    from mlflow import MlflowClient
+
+    message = redact_text(next((line for line in str(error).splitlines() if line.strip()), type(error).__name__))
+    for run_id, uri in list(OPEN_SWEEP_RUNS.items()):
+        try:
+            client = MlflowClient(uri)
+            client.set_tag(run_id, "coin_ray.error", f"{type(error).__name__}: {message}"[:5000])
+            client.set_terminated(run_id, status="FAILED")
+        except Exception:  # noqa: BLE001 - best effort while the script exits with the original error
+            continue
+        OPEN_SWEEP_RUNS.pop(run_id, None)
 
 
 def log_sweep_artifacts(tracking_uri: str, run_id: str, trials: "pd.DataFrame | None" = None,
@@ -114,3 +136,4 @@ def close_sweep_run(tracking_uri: str, run_id: str, status: str = "FINISHED") ->
         raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     call_with_retry(lambda: client.set_terminated(run_id, status=status), "close sweep run")
+    OPEN_SWEEP_RUNS.pop(run_id, None)

@@ -203,8 +203,11 @@ def build_processor(source: str = "tiny", prompt: str = "vicuna_v1", **tiny_kwar
     if source == "tiny":
         processor = build_tiny_vlm(**tiny_kwargs)[1]  # building the tiny model costs milliseconds
         setattr(processor, FAMILY_ATTR, "llava")
+        prompt = FAMILIES["llava"].prompts[0] if prompt == "auto" else prompt
     else:
         family = FAMILIES[check_model_source(source)["model_type"]]
+        if prompt == "auto":  # the family's own prompt (coin_ray.config.auto_prompt)
+            prompt = family.prompts[0]
         if prompt not in family.prompts:
             raise ModelSourceError(
                 f"model.prompt is {prompt!r} but {source!r} is a {family.name} checkpoint, which is prompted with "

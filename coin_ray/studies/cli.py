@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from coin_ray.config import ExperimentConfig, dotted, load_yaml_file, parse_override, preset
+from coin_ray.config import ConfigError, ExperimentConfig, dotted, load_yaml_file, parse_override, preset
 from coin_ray.errors import UserError
 from coin_ray.evaluation.metrics import METRIC_NAMES, higher_is_better  # noqa: F401 (the sweep scripts use it)
 from coin_ray.training.types import PreparedData
@@ -131,8 +131,23 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, eq, value = pair.partition("=")
         if not eq or not key.strip():
             raise UsageError(f"--set takes KEY=VALUE, got {pair!r} (e.g. --set tuner.rank=32)")
+        check_not_inside_mapping(key.strip(), "--set")
         out[key.strip()] = parse_override(key.strip(), value)
     return out
+
+
+def check_not_inside_mapping(key: str, flag: str) -> None:
+    """`section.field.sub` where section.field is a mapping (eval.judge_options, train.batch_size_per_task):
+    refused with the form that sets it (the value is never echoed: it may be a secret)."""
+    from coin_ray.config import _field_owner, _hints, _is_mapping, _optional
+
+    section, _, rest = key.partition(".")
+    name, dot, sub = rest.partition(".")
+    owner = _field_owner(f"{section}.{name}") if dot else None
+    if owner is not None and _is_mapping(_optional(_hints(owner[0])[owner[1]])[1]):
+        whole = "{base_url: ..., model: ..., %s: ...}" % sub if name == "judge_options" else "{%s: ...}" % sub
+        raise UsageError(f"{flag} {key}=...: {section}.{name} is a mapping, set as a whole: "
+                         f"{flag} '{section}.{name}={whole}'")
 
 
 def parse_grid(pairs: list[str], cfg: ExperimentConfig) -> dict[str, list[Any]]:
@@ -148,7 +163,10 @@ def parse_grid(pairs: list[str], cfg: ExperimentConfig) -> dict[str, list[Any]]:
         if key == "order" or "." not in key:
             raise UsageError(f"--grid {key}: grid a section field (section.field); orders come from --design")
         for value in values:
-            cfg.replace(**{key: value})  # ConfigError naming the key or the value
+            try:
+                cfg.replace(**{key: value})  # naming the key (unknown) or the value
+            except ConfigError as e:
+                raise UsageError(f"--grid {key}: {'; '.join(e.problems)}") from None
         out[key] = values
     return out
 
@@ -195,16 +213,31 @@ def build_base_config(args: argparse.Namespace, *, default_experiment: str) -> E
     return cfg
 
 
-def check_methods(text: str, cfg: ExperimentConfig) -> list[str]:
-    """The names of a `--methods` flag, each checked as the config it makes of `cfg` (coin_ray.methods)."""
+def check_methods(text: str, cfg: ExperimentConfig, args: argparse.Namespace | None = None) -> list[str]:
+    """The names of a `--methods` flag, each checked as the config it makes of `cfg` (coin_ray.methods). A
+    field a method sets that `--set` or `--grid` (in `args`) also sets to another value is a contradiction,
+    refused: the method would silently win (e.g. `--methods olora --set tuner.method=moelora`)."""
     from coin_ray.methods import method_changes, parse_methods
 
     try:
         names = parse_methods(text)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    given = parse_overrides(getattr(args, "set", None) or [])
+    gridded = {pair.partition("=")[0].strip() for pair in getattr(args, "grid", None) or []}
     for name in names:  # e.g. olora with train.weight_decay > 0: the config error names the fix
-        cfg.replace(**method_changes(name, cfg.train.replay_per_task))
+        changes = method_changes(name, cfg.train.replay_per_task)
+        for key, value in changes.items():
+            if key in gridded:
+                raise UsageError(f"--methods {text} sets {key} itself, so --grid {key} contradicts it: vary the "
+                                 f"methods with --methods only")
+            if key in given and given[key] != value:
+                hint = (f"for {changes['cl.method']} on {given[key]}, leave --methods out and --set "
+                        f"cl.method={changes['cl.method']}" if key == "tuner.method" and changes["cl.method"] != "none"
+                        else f"drop --set {key}=... or choose the method that trains it")
+                raise UsageError(f"--methods {name} trains with {key} {value}, but --set {key}={given[key]} asks for "
+                                 f"another: {hint}")
+        cfg.replace(**changes)
     return names
 
 
@@ -305,8 +338,16 @@ def run_main(main) -> None:
     ray_auth_for_existing_cluster(_address_from_argv(sys.argv[1:]))  # before anything imports ray
     try:
         main()
-    except (UserError, FileNotFoundError) as e:
-        fail(str(e))
+    except Exception as e:
+        _fail_open_sweep_runs(e)  # a sweep that died never leaves its MLflow sweep run RUNNING
+        if isinstance(e, (UserError, FileNotFoundError)):
+            fail(str(e))
+        raise
+
+
+def _fail_open_sweep_runs(error: BaseException) -> None:
+    if "tracking._sweep" in sys.modules:  # only a script that opened a sweep run imported it
+        sys.modules["tracking._sweep"].fail_open_sweep_runs(error)
 
 
 def default_sweep_name(script: str, design: str, count: int | None, tasks: list[str], args: argparse.Namespace) -> str:

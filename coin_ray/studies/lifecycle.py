@@ -21,13 +21,13 @@ from coin_ray.studies.runner import SweepOutcome, SweepSpec, trials_table
 from tracking.plots import spread_figure, table_heatmap
 
 
-def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
-    """Everything that can be wrong before a trial starts: the model folder, per-GPU memory, storage, tracking
-    server, Ray address."""
-    if cfg.model.source != "tiny":
-        from coin_ray.models import check_model_source
+def preflight(cfg: ExperimentConfig, args: argparse.Namespace, grid: dict[str, list[Any]] | None = None) -> None:
+    """Everything that can be wrong before a trial starts, checked before Ray starts: workers per trial, the
+    model folder, the data folders, the judge (`coin_ray.studies.checks`, for each `--grid` value too),
+    per-GPU memory, storage, tracking server; then Ray starts (or is joined at its address)."""
+    from coin_ray.studies.checks import check_before_ray
 
-        check_model_source(cfg.model.source)
+    check_before_ray(cfg, args, grid)
     if cfg.scaling.use_gpu:
         from coin_ray.models.memory import check_memory, estimate_for_config
 

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from coin_ray.config import ExperimentConfig
 from coin_ray.evaluation.metrics import METRIC_NAMES
+from coin_ray.studies.naming import value_label
 from coin_ray.studies.space import HP_PREFIX, RANDOM_KEY_PREFIX, decode
 from coin_ray.training.types import PreparedData
 
@@ -24,12 +25,13 @@ from coin_ray.training.types import PreparedData
 def trial_name(order: Sequence[str], seed: int, hparams: dict[str, Any] | None = None, config_hash: str = "",
                baseline: str | None = None, method: str | None = None) -> str:
     """Deterministic trial / MLflow run name: "<A>B>C>-s<seed>[-<method>][-<hp=v,...>][-<config hash, 6
-    digits>]"; a baseline's is "<baseline>-s<seed>..." (e.g. the joint bound: "joint-s0-...")."""
+    digits>]" (a value that is not short and plain, e.g. a path, as
+    `coin_ray.studies.naming.value_label` writes it: readable part + hash); a baseline's is "<baseline>-s<seed>..." (e.g. the joint bound: "joint-s0-...")."""
     name = f"{baseline or '>'.join(order)}-s{seed}"
     if method:
         name += f"-{method}"
     if hparams:
-        name += "-" + ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(hparams.items()))
+        name += "-" + ",".join(f"{k.split('.')[-1]}={value_label(v)}" for k, v in sorted(hparams.items()))
     if config_hash:
         name += f"-{config_hash[:6]}"
     return name
