@@ -29,6 +29,7 @@ MULTI_TURN = "multi_turn"
 TRUNCATED = "truncated"
 IMAGE_TOO_LARGE = "image_too_large"
 INVALID_BOX = "invalid_box"
+DUPLICATE_ID = "duplicate_id"
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # width x height above which an image is refused (about 64 Mpx)
 
@@ -167,15 +168,31 @@ def _is_empty(value: Any) -> bool:
         value.strip() if isinstance(value, str) else value))
 
 
+def duplicate_ids(records: list[Any], split: str) -> dict[int, int]:
+    """Record index -> index of the earlier record with the same id (`id` in train files, `question_id` in
+    test files) for every record whose id repeats one before it."""
+    first: dict[str, int] = {}
+    out: dict[int, int] = {}
+    key = "id" if split == "train" else "question_id"
+    for index, record in enumerate(records):
+        if isinstance(record, dict) and record.get(key) is not None:
+            seen = first.setdefault(str(record[key]), index)
+            if seen != index:
+                out[index] = seen
+    return out
+
+
 def validate_records(task: str, split: str, source: str, records: Iterable[Any], image_root: Path,
                      reference: Callable[[dict[str, Any]], Any], max_rows: int | None = None,
-                     start: int = 0) -> SplitRecords:
+                     start: int = 0, duplicates: dict[int, int] | None = None) -> SplitRecords:
     """Check each record of one split; accepted ones become work items for the encoding tasks.
 
     Train items carry (question, answer); test items carry (question, reference as JSON text, size).
     `reference` is the task's `reference_from_record`. A train answer of a box task (Grounding) must be a
     box (`coin_ray.tasks.box_problem`). With `max_rows`, reading stops after that many accepted records (a
     smoke run then costs what it uses). `start`: the source index of the first record (a chunk of a file).
+    `duplicates` (`duplicate_ids`, test splits): records rejected as duplicate_id, since a test question is
+    scored once.
     """
     from coin_ray.tasks import box_problem, get_task
 
@@ -210,6 +227,10 @@ def validate_records(task: str, split: str, source: str, records: Iterable[Any],
         else:
             if rec_id is None:
                 reject(MISSING_FIELD, "field 'question_id' is missing")
+                continue
+            if duplicates and index in duplicates:
+                reject(DUPLICATE_ID, f"question_id {rec_id!r:.60} repeats record {duplicates[index]}'s: a test "
+                                     "question is scored once; the first record with the id is kept")
                 continue
             text = record.get("text")
             if not isinstance(text, str) or not text.replace(IMAGE_TOKEN, "").strip():

@@ -38,9 +38,9 @@ from pipelines import _hf
 from pipelines._annotations import TEXTVQA, load_textvqa_answers, with_textvqa_answers
 from pipelines._encode import encode_items, prefetch_imports, stored_columns
 from pipelines._hashing import ContentHasher
-from pipelines._records import (DEFAULT_MAX_IMAGE_PIXELS, PipelineInputError, SplitRecords,
-                                from_portable, merge_chunks, read_json_list, split_files, to_portable,
-                                validate_records)
+from pipelines._records import (DEFAULT_MAX_IMAGE_PIXELS, DUPLICATE_ID, PipelineInputError, SplitRecords,
+                                duplicate_ids, from_portable, merge_chunks, read_json_list, split_files,
+                                to_portable, validate_records)
 
 MANIFEST_VERSION = 1  # layout of manifest.json and of OUT
 ENCODING_VERSION = 1  # bump when the stored rows change for the same inputs (part of the content hash)
@@ -263,8 +263,17 @@ def _read_tasks(task_names: list[str], instructions: str | Path | None, image_ro
                 if task == TEXTVQA and split == "test":
                     records = with_textvqa_answers(records, textvqa_answers, str(path))
                 sources.append((task, split, str(path), records, reference))
-    out = [validate(task, split, source, records, image_root, reference, max_rows)
-           for task, split, source, records, reference in sources]
+    out = []
+    for task, split, source, records, reference in sources:
+        repeats = duplicate_ids(records, split)
+        if repeats:  # train ids only name rows (kept); a test question is scored once (the repeats rejected)
+            print(f"[preprocess] warning: {len(repeats)} {split} records of {task} in {source} repeat an earlier "
+                  f"record's {'id' if split == 'train' else 'question_id'} (first: record {min(repeats)}): "
+                  + ("kept, each trains as its own example" if split == "train" else
+                     f"rejected as {DUPLICATE_ID} (see rejected.jsonl), the first record of each id kept"),
+                  file=sys.stderr)
+        out.append(validate(task, split, source, records, image_root, reference, max_rows,
+                            duplicates=repeats if split != "train" else None))
     for s in out:
         hasher.add_fingerprints(f"images/{s.task}/{s.split}", s.fingerprint)
     return out
@@ -298,7 +307,7 @@ class _RayValidator:
             self._own_ray = False
 
     def __call__(self, task: str, split: str, source: str, records: list[Any], image_root: Path, reference: Any,
-                 max_rows: int | None) -> SplitRecords:
+                 max_rows: int | None, duplicates: dict[int, int] | None = None) -> SplitRecords:
         if not self.cpus:
             self._start()
         size = max(16, min(CHUNK_ROWS, math.ceil(len(records) / (4 * self.cpus))))
@@ -307,7 +316,8 @@ class _RayValidator:
         metas: list[SplitRecords] = []
         blocks: list[Any] = []
         for w in range(0, len(starts), max(1, wave)):
-            refs = [_validate_chunk.remote(task, split, source, to_portable(records[i:i + size]), image_root, i)
+            refs = [_validate_chunk.remote(task, split, source, to_portable(records[i:i + size]), image_root, i,
+                                           {k: v for k, v in (duplicates or {}).items() if i <= k < i + size})
                     for i in starts[w:w + wave]]
             metas += ray.get([meta for meta, _ in refs])
             blocks += [block for _, block in refs]
@@ -321,14 +331,14 @@ class _RayValidator:
 
 @ray.remote(num_returns=2)
 def _validate_chunk(task: str, split: str, source: str, portable: list[Any], image_root: Path,
-                    start: int) -> tuple[SplitRecords, Any]:
+                    start: int, duplicates: dict[int, int] | None = None) -> tuple[SplitRecords, Any]:
     import pyarrow as pa
 
     from coin_ray.tasks import get_task
     from pipelines._encode import ITEM_SCHEMA
 
     checked = validate_records(task, split, source, from_portable(portable), image_root,
-                               get_task(task).reference_from_record, start=start)
+                               get_task(task).reference_from_record, start=start, duplicates=duplicates)
     table = pa.Table.from_pylist(checked.items, schema=ITEM_SCHEMA)
     checked.items = []
     return checked, table

@@ -96,5 +96,6 @@ def check_judge(kind: str, options: Mapping[str, Any]) -> None:
     try:
         build_judge(kind, **dict(options))
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        lines = [line.strip(" -") for line in str(e).splitlines() if line.strip(" -")]
-        raise PreflightError(f"eval.judge {kind} with eval.judge_options: {'; '.join(lines)}") from None
+        head, *rest = [line.strip(" -") for line in str(e).splitlines() if line.strip(" -")] or [type(e).__name__]
+        text = f"{head.rstrip(':')}: {'; '.join(rest)}" if rest else head
+        raise PreflightError(f"eval.judge {kind} with eval.judge_options: {text}") from None

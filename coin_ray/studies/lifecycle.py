@@ -52,6 +52,22 @@ def prepare(cfg: ExperimentConfig, args: argparse.Namespace) -> PreparedData:
     return prepared
 
 
+def display_varied(table: Any, shown: list[str]) -> Any:
+    """`table` plus one display column per varied config field (`hp.<section.field>` columns: a `--grid` or
+    a searched field) that `shown` lacks, named by the field (e.g. `source`, `replay_per_task`), its values
+    as names write them (a path as its readable part + hash: `coin_ray.studies.naming.value_label`)."""
+    from coin_ray.studies.naming import value_label
+    from coin_ray.studies.space import HP_PREFIX
+
+    out = table.copy()
+    for column in [c for c in table.columns if c.startswith(HP_PREFIX)]:
+        label = column[len(HP_PREFIX):].rsplit(".", 1)[-1]
+        if label in shown or label in out.columns:
+            continue
+        out[label] = [value_label(v) if isinstance(v, (str, list, tuple)) else v for v in table[column]]
+    return out
+
+
 @span("tracking")
 def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design: str,
                  pareto: bool = False) -> dict[str, Any]:
@@ -68,13 +84,15 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
     print("\n=== Trials ===")
     with_cols = [c for c in ("order", "seed", "method", "num_experts", "rank", "mft", "mfn", "bwt", "forgetting",
                              "gk_mfn", "gk_bwt", "stages_reused", "status") if c in table.columns]
-    print(table.loc[~partial, with_cols].to_string(index=False, float_format=fmt))
+    shown = display_varied(table, with_cols)  # every varied value (--grid, searched fields) as its own column
+    with_cols = with_cols[:3] + [c for c in shown.columns if c not in table.columns] + with_cols[3:]
+    print(shown.loc[~partial, with_cols].to_string(index=False, float_format=fmt))
     if partial.any():
         stopped_cols = [c for c in with_cols if c not in cli.METRICS] + ["stage_reached", "n_stages",
                                                                          "last_avg_seen_acc"]
         print("\n=== Stopped early by the scheduler (partial: no final metrics; stage_reached of n_stages, and "
               "the avg_seen_acc it was compared by) ===")
-        print(table.loc[partial, [c for c in stopped_cols if c in table.columns]].to_string(index=False,
+        print(shown.loc[partial, [c for c in stopped_cols if c in shown.columns]].to_string(index=False,
                                                                                           float_format=fmt))
     done = [t for t in outcome.trials if t["matrix"] is not None]
     # the joint bound has no order: it is kept out of the order analysis, which reports each order's gap to it
