@@ -176,8 +176,18 @@ def preprocess(
         tmp = out.parent / f".{out.name}.tmp-{p.content_hash[:12]}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        encoder_rejections = _encode(p.splits, tmp, model_source, p.config["model_kwargs"], max_length, batch_size,
-                                     num_actors or validator.cpus or 1, max_image_pixels)
+        from coin_ray.phases import phase
+
+        rows = sum(s.count for s in p.splits)
+        blocks = sum(len(s.blocks) for s in p.splits)
+        with phase("preprocessing", detail=f"{len(p.tasks)} tasks, {rows} rows in {blocks} blocks, to {out}",
+                   total=blocks, unit="block") as ph:
+            encoder_rejections = _encode(p.splits, tmp, model_source, p.config["model_kwargs"], max_length,
+                                         batch_size, num_actors or validator.cpus or 1, max_image_pixels,
+                                         on_block=ph.update)
+            rejected = sum(len(s.rejections) for s in p.splits) + len(encoder_rejections)
+            ph.done(f"{rows - len(encoder_rejections)} rows encoded, {rejected} records rejected (see "
+                    f"{out / 'rejected.jsonl'})" if rejected else f"{rows} rows encoded")
     finally:
         validator.close()
     rejections = [r.to_json() for s in p.splits for r in s.rejections] + encoder_rejections
@@ -356,7 +366,8 @@ def _head(table: Any, n: int) -> Any:
 
 def _encode(splits: list[SplitRecords], tmp: Path, model_source: str, model_kwargs: dict[str, Any],
             max_length: int, batch_size: int, workers: int,
-            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[dict[str, Any]]:
+            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+            on_block: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """One Ray task per accepted block (the blocks the validation tasks left in the object store), at most
     `workers` at once: each encodes its block and writes its Parquet file, so encoded pixels never cross the
     object store and only small summaries come back. Returns the encoder's rejections. Needs a running Ray."""
@@ -369,8 +380,14 @@ def _encode(splits: list[SplitRecords], tmp: Path, model_source: str, model_kwar
         if len(pending) >= workers:
             done, pending = ray.wait(pending, num_returns=1)
             summaries += [s for result in ray.get(done) for s in result]
+            if on_block is not None:
+                on_block(len(done))
         pending.append(_encode_block.remote(block, **settings))
-    summaries += [s for result in ray.get(pending) for s in result]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        summaries += [s for result in ray.get(done) for s in result]
+        if on_block is not None:
+            on_block(len(done))
     return [r for summary in summaries for r in json.loads(summary["rejected"])]
 
 

@@ -269,17 +269,27 @@ def init_ray(args: argparse.Namespace) -> None:
                              f"or leave --address out to run on this machine") from None
     import logging
 
+    from coin_ray.studies.quiet import quiet_ray_sources
+
     level = logging.INFO if args.verbose else logging.WARNING
-    if args.address and args.address != "local":
-        ray.init(address=args.address, logging_level=level)
+    cpus = args.num_cpus or os.cpu_count() or 1
+    # the job's processes (driver, Tune and Train actors, Ray Data) log at warning level unless --verbose:
+    # Ray Data's progress lines and libraries' info lines ("Loading SentenceTransformer model ...")
+    logging_config = ray.LoggingConfig(log_level=logging.getLevelName(level))
+    local = not (args.address and args.address != "local")
+    quiet_ray_sources(args.verbose, cpus=cpus, workers_per_trial=getattr(args, "workers_per_trial", None) or 1,
+                      local=local)
+    if not local:
+        ray.init(address=args.address, logging_level=level, logging_config=logging_config)
     else:
         # address="local" always starts a Ray of our own: without it, ray.init() follows the address file that a
         # `ray start --head` leaves behind (/tmp/ray/ray_current_cluster), even after that head died.
         # The dashboard serves the State API that the Train controller polls (without it, it floods warnings).
-        ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count(), logging_level=level)
-    from coin_ray.training.worker import quiet_data_context
+        ray.init(address="local", num_cpus=cpus, logging_level=level, logging_config=logging_config)
+    from coin_ray.training.worker import quiet_data_context, quiet_not_applicable
 
     quiet_data_context()
+    quiet_not_applicable(args.verbose)
 
 
 def default_concurrency(cfg: ExperimentConfig, requested: int | None, prepared: PreparedData | None = None) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -104,8 +104,10 @@ def write_synthetic_benchmark(
     image_size: int = 32,
     seed: int = 0,
     instruction_style: str = "original",
+    on_record: Callable[[], None] | None = None,
 ) -> Path:
     """Generate the benchmark into `root` (created; an existing benchmark there is replaced) and return it.
+    `on_record` is called after each record is written (a progress bar's update).
 
     Each task gets `train_rows` x TRAIN_SCALE[task] (default 1) train records and `test_rows` test records.
 
@@ -130,6 +132,8 @@ def write_synthetic_benchmark(
                     rel = f"{task}/{split}/{i:06d}.png"
                     ex.image.save(tmp / IMAGE_ROOT / rel, format="PNG", optimize=False)
                     records.append(synthetic_records(task, ex, split, i, rel, instruction_style, seed))
+                    if on_record is not None:
+                        on_record()
                 (folder / f"{split}.json").write_text(json.dumps(records, indent=1))
         info = {"generator_version": GENERATOR_VERSION, "tasks": list(tasks), "train_rows": train_rows,
                 "train_rows_per_task": train_per_task,

@@ -107,7 +107,11 @@ def pretrain_base(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
     order = torch.randperm(n, generator=gen)
     cursor, losses = 0, []
-    with torch.random.fork_rng(devices=[]):
+    from coin_ray.phases import phase
+
+    with torch.random.fork_rng(devices=[]), phase(
+            "base pretraining", detail=f"{steps} steps of {batch_size} over {n} examples of {len(tasks)} tasks, "
+                                       f"cached in {folder}", total=steps, unit="step") as progress:
         torch.manual_seed(seed)
         for _ in range(steps):
             if cursor + batch_size > n:
@@ -123,6 +127,9 @@ def pretrain_base(
             if not (math.isfinite(losses[-1]) and math.isfinite(norm)):  # a broken base is never cached
                 raise ValueError(f"base pretraining diverged at step {len(losses)} (loss {losses[-1]}, gradient "
                                  f"norm {norm}); nothing was saved: lower model.pretrain_lr")
+            progress.update()
+        tail = losses[-max(1, steps // 10):]
+        progress.done(f"loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f}")
     model.eval()
 
     def fill(tmp: Path) -> None:

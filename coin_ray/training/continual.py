@@ -106,7 +106,16 @@ def ensure_synthetic_benchmark(storage: Path, **options: Any) -> Path:
 
     root = storage / "synthetic" / _short_hash([GENERATOR_VERSION, options])
     if not (root / "synthetic.json").is_file():
-        write_synthetic_benchmark(root, **options)
+        from coin_ray.phases import phase
+        from coin_ray.synthetic import TRAIN_SCALE
+        from coin_ray.tasks import TASK_NAMES
+
+        train, test = options.get("train_rows", 240), options.get("test_rows", 40)
+        records = sum(train * TRAIN_SCALE.get(t, 1) + test for t in TASK_NAMES)
+        with phase("benchmark generation", detail=f"{len(TASK_NAMES)} synthetic tasks, {records} records with "
+                                                  f"their images, at {root}", total=records, unit="record") as p:
+            write_synthetic_benchmark(root, **options, on_record=p.update)
+            p.done(f"{p.count} records")
     return root
 
 

@@ -236,9 +236,18 @@ class StageStore:
         blocks the stage forever."""
         path = self.root / f".claim-{key}"
         announced = False
+        waited = time.monotonic()
+
+        def waited_for(outcome: str) -> None:
+            if announced:
+                from coin_ray.phases import say
+
+                say(f"waiting for stage {key[:12]}: done in {time.monotonic() - waited:.1f} s ({outcome})")
+
         while True:
             entry = self.get(key)
             if entry is not None:
+                waited_for("another trial stored it: reused")
                 return entry
             token = uuid.uuid4().hex
             try:
@@ -251,13 +260,16 @@ class StageStore:
                         pass
                     continue
                 if not announced:
-                    print(f"[coin-ray] stage store: stage {key} is being trained by another trial; waiting for it",
-                          flush=True)
+                    from coin_ray.phases import say
+
+                    say(f"waiting for stage {key[:12]}: started (another trial is training it; checked every "
+                        f"{poll_s:g} s, taken over if its trainer stops for {stale_s:g} s)")
                     announced = True
                 time.sleep(poll_s)
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": token, "time": time.time()}, f)
+            waited_for("its trainer stopped: training it here")
             return StageClaim(path, token, heartbeat_s=stale_s / 4)
 
     def ensure_eval_dir(self, key: str, material: dict[str, Any]) -> Path:

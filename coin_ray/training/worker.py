@@ -70,14 +70,38 @@ def control_process_group() -> Any:
 
 
 def quiet_data_context() -> None:
-    """Ray Data settings of this process: ordered (reproducible batches) and, off a terminal, no progress bars."""
-    import sys
-
+    """Ray Data settings of this process: ordered (reproducible batches). Progress stays on: off a terminal Ray
+    Data then logs it at info level (shown with --verbose) instead of warning that bars are disabled."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = sys.stderr.isatty()
+
+
+# Ray's warnings that do not apply to how the platform sizes its resources, by the logger that emits them:
+# a Train worker holds the CPU its trial was given, and the splits it materialises were sized for it (small
+# ones are read into the object store once, big ones stream with a CPU kept for ingest: see
+# coin_ray.studies.cli.default_concurrency), so "no available CPUs ... will hang" is not true there.
+NOT_APPLICABLE = {"ray.data.dataset": ("Warning: The Ray cluster currently does not have any available CPUs",)}
+
+
+class _NotApplicable(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_not_applicable(verbose: bool) -> None:
+    """Drop the records of `NOT_APPLICABLE` at the loggers that emit them (this process), unless `verbose`."""
+    for name, prefixes in NOT_APPLICABLE.items():
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, _NotApplicable)]:
+            logger.removeFilter(f)
+        if not verbose:
+            logger.addFilter(_NotApplicable(prefixes))
 
 
 def progress(message: str) -> None:
@@ -108,6 +132,7 @@ def quiet_ray_logs(verbose: bool) -> None:
         pass
     for name in names:
         logging.getLogger(name).setLevel(level)
+    quiet_not_applicable(verbose)
     if not verbose:  # transformers' "Loading weights" bar, once per trial
         from transformers.utils import logging as hf_logging
 
