@@ -206,10 +206,11 @@ class ModelConfig:
     pretrain_lr: float = 2e-3
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        # `auto` is resolved once, here, so the config (its MLflow params, its hash) holds the prompt trained with
-        if self.prompt == "auto":
-            object.__setattr__(self, "prompt", auto_prompt(self.source) or "auto")
+    def resolved_prompt(self) -> str:
+        """The prompt trained with: `prompt`, or for `auto` the family's own (`auto_prompt`; "auto" while the
+        folder cannot be read). The config keeps `auto`, so a changed source (a --grid over folders) resolves
+        again; `flatten()` (MLflow params, hashes) holds the resolved value."""
+        return (auto_prompt(self.source) or "auto") if self.prompt == "auto" else self.prompt
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -568,6 +569,7 @@ class ExperimentConfig:
                 out[prefix] = value
 
         walk("", self.to_dict())
+        out["model.prompt"] = self.model.resolved_prompt()  # what trains (a tiny run's is vicuna_v1, as before auto)
         return out
 
     def replace(self, **changes: Any) -> "ExperimentConfig":

@@ -105,11 +105,13 @@ def test_model_prompt_auto_is_the_familys_own(folders):
     from coin_ray.models.families import FAMILIES
 
     assert AUTO_PROMPTS == {n: f.prompts[0] for n, f in FAMILIES.items() if f.prompts[0] != "checkpoint"}
-    assert ExperimentConfig().model.prompt == "vicuna_v1"  # the tiny model: CoIN's prompt, as before
-    assert ExperimentConfig.from_dict({"model.source": str(folders["llava"])}).model.prompt == "vicuna_v1"
-    qwen = ExperimentConfig.from_dict({"model.source": str(folders["qwen2_vl"])})
-    assert qwen.model.prompt == "checkpoint"
+    default = ExperimentConfig()
+    assert default.model.prompt == "auto" and default.flatten()["model.prompt"] == "vicuna_v1"  # tiny: as before
+    assert ExperimentConfig.from_dict({"model.source": str(folders["llava"])}).model.resolved_prompt() == "vicuna_v1"
+    qwen = default.replace(**{"model.source": str(folders["qwen2_vl"])})
+    assert qwen.model.resolved_prompt() == "checkpoint" and qwen.flatten()["model.prompt"] == "checkpoint"
     check_before_ray(qwen)  # the default config accepts a Qwen2-VL folder
+    check_before_ray(default, grid={"model.source": ["tiny", str(folders["qwen2_vl"])]})  # and a grid over both
     explicit = ExperimentConfig.from_dict({"model.source": str(folders["qwen2_vl"]), "model.prompt": "vicuna_v1"})
     with pytest.raises(UserError, match="prompted with checkpoint only: set model.prompt checkpoint"):
         check_before_ray(explicit)

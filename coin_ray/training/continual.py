@@ -50,8 +50,8 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
         instructions, images = coin_instructions(d.instructions, d.instruction_style), Path(d.images)
     annotations = d.textvqa_annotations if d.benchmark == "coin" else None
     model_kwargs = cfg.model.tiny_kwargs() if cfg.model.source == "tiny" else {}
-    if cfg.model.prompt != "vicuna_v1":  # the prompt is baked into the preprocessed tokens
-        model_kwargs["prompt"] = cfg.model.prompt
+    if cfg.model.resolved_prompt() != "vicuna_v1":  # the prompt is baked into the preprocessed tokens
+        model_kwargs["prompt"] = cfg.model.resolved_prompt()
     out = Path(d.processed) if d.processed else storage / "data" / _short_hash(
         [str(instructions), str(images), sorted(tasks), cfg.model.source, model_kwargs, d.max_length,
          d.max_image_pixels, *([str(annotations)] if annotations else [])])
