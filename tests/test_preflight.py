@@ -45,7 +45,8 @@ def _one_line_error(proc: subprocess.CompletedProcess, message: str) -> str:
 
 @pytest.mark.parametrize("args, message", [
     (["--grid", "nosuch.key=1,2"], "--grid nosuch.key: unknown key 'nosuch.key'"),
-    (["--grid", f"model.source=tiny,{FOLDER}"], f"model.source '{FOLDER}' is not a local folder"),
+    (["--grid", f"model.source=tiny,{FOLDER}"], "--grid model.source: a sweep prepares its data once"),
+    (["--set", f"model.source={FOLDER}"], f"model.source '{FOLDER}' is not a local folder"),
     (["--methods", "olora", "--set", "tuner.method=moelora"],
      "--methods olora trains with tuner.method lora, but --set tuner.method=moelora"),
     (["--workers-per-trial", "0"], "--workers-per-trial 0: a sweep needs at least 1 Ray Train worker"),
@@ -111,7 +112,8 @@ def test_model_prompt_auto_is_the_familys_own(folders):
     qwen = default.replace(**{"model.source": str(folders["qwen2_vl"])})
     assert qwen.model.resolved_prompt() == "checkpoint" and qwen.flatten()["model.prompt"] == "checkpoint"
     check_before_ray(qwen)  # the default config accepts a Qwen2-VL folder
-    check_before_ray(default, grid={"model.source": ["tiny", str(folders["qwen2_vl"])]})  # and a grid over both
+    with pytest.raises(UserError, match="run one sweep per value"):  # every trial trains on the one prepared data
+        check_before_ray(default, grid={"model.source": ["tiny", str(folders["qwen2_vl"])]})
     explicit = ExperimentConfig.from_dict({"model.source": str(folders["qwen2_vl"]), "model.prompt": "vicuna_v1"})
     with pytest.raises(UserError, match="prompted with checkpoint only: set model.prompt checkpoint"):
         check_before_ray(explicit)
@@ -168,8 +170,8 @@ def test_coin_folders_annotations_judge_and_workers_are_checked_naming_the_confi
     with pytest.raises(UserError, match="^scaling.num_workers 0: a sweep needs at least 1"):
         check_before_ray(_coin(tmp_path, **{"scaling.num_workers": 0}))
     # a --grid value is checked like the base config's
-    with pytest.raises(UserError, match="no Instructions_10Type folder"):
-        check_before_ray(_coin(tmp_path), grid={"data.instruction_style": ["original", "10type"]})
+    with pytest.raises(UserError, match="the 'llm' judge needs option"):
+        check_before_ray(_coin(tmp_path), grid={"eval.judge": ["none", "llm"]})
 
 
 def test_a_sweep_that_dies_closes_its_mlflow_run_failed(tmp_path):

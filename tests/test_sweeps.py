@@ -35,6 +35,13 @@ def test_task_order_smoke_sweep_cache_and_mlflow(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "stages trained: 15, stages reused from the stage store: 3" in first.stdout
     assert "mlflow ui --backend-store-uri" in first.stdout and "#/experiments/" in first.stdout
+    # the first minutes: each first-time phase says when it starts and ends; Ray's lines that do not apply to
+    # how the platform sizes its resources stay off (docs/first-run.md)
+    assert "[coin-ray] benchmark generation: started" in first.stderr and "preprocessing: done in" in first.stderr
+    for line in ("does not have any available CPUs", "PYTHON worker processes have been started",
+                 "Progress bars disabled", "Loading SentenceTransformer model", "Configuration for experiment",
+                 "tensorboard --logdir"):
+        assert line not in first.stdout + first.stderr, line
 
     second = _run("task_order.py", *common, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]

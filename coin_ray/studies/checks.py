@@ -18,9 +18,28 @@ class PreflightError(UserError):
     """A sweep input that cannot work, found before Ray starts."""
 
 
+# the fields a sweep's data preparation reads (coin_ray.training.continual.prepare_data): the tokens, images and
+# splits are prepared once per sweep, on the driver, so a trial cannot take another value of one of them
+PREPARED_FIELDS = ("model.source", "model.prompt", "model.image_size", "model.patch_size", "data.benchmark",
+                   "data.instructions", "data.images", "data.processed", "data.train_rows", "data.test_rows",
+                   "data.image_size", "data.instruction_style", "data.textvqa_annotations", "data.max_length",
+                   "data.max_image_pixels", "data.seed")
+
+
+def check_grid_keys(grid: Mapping[str, list[Any]] | None) -> None:
+    """A `--grid` over a field the data preparation reads is refused: every trial trains on the one prepared
+    data set, so its values would not reach the data."""
+    for key in grid or {}:
+        if key in PREPARED_FIELDS:
+            raise PreflightError(f"--grid {key}: a sweep prepares its data once (tokens, images, splits), and {key} "
+                                 f"changes them, so its values cannot differ between trials: run one sweep per value "
+                                 f"(--set {key}=...)")
+
+
 def check_before_ray(cfg: ExperimentConfig, args: argparse.Namespace | None = None,
                      grid: Mapping[str, list[Any]] | None = None) -> None:
     """Run every check over the sweep's base config and each `--grid` value; each distinct input once."""
+    check_grid_keys(grid)
     check_sweep_workers(cfg, args)
     seen: set[Any] = set()
 

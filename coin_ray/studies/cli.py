@@ -286,10 +286,10 @@ def init_ray(args: argparse.Namespace) -> None:
         # `ray start --head` leaves behind (/tmp/ray/ray_current_cluster), even after that head died.
         # The dashboard serves the State API that the Train controller polls (without it, it floods warnings).
         ray.init(address="local", num_cpus=cpus, logging_level=level, logging_config=logging_config)
-    from coin_ray.training.worker import quiet_data_context, quiet_not_applicable
+    from coin_ray.training.worker import quiet_data_context, quiet_ray_logs
 
     quiet_data_context()
-    quiet_not_applicable(args.verbose)
+    quiet_ray_logs(args.verbose)  # in the driver too: it reads datasets and saves the pretrained base
 
 
 def default_concurrency(cfg: ExperimentConfig, requested: int | None, prepared: PreparedData | None = None) -> int:

@@ -15,7 +15,7 @@ from coin_ray.config import ExperimentConfig
 from coin_ray.errors import UserError
 from coin_ray.training.hooks import RunHooks, RunResult
 from coin_ray.training.types import PreparedData, WorkerConfig
-from coin_ray.training.worker import quiet_data_context
+from coin_ray.training.worker import quiet_data_context, quiet_ray_logs
 
 
 class RunSetupError(UserError):
@@ -254,6 +254,7 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
     if not ray.is_initialized():
         raise RunSetupError("Ray is not initialised: call ray.init(...) first (or use sweeps/task_order.py)")
     quiet_data_context()
+    quiet_ray_logs(verbose)  # this process (a sweep's Tune trial actor) builds the stage datasets
     prepared = prepared or prepare_data(cfg)
     missing = [t for t in cfg.order if t not in prepared.splits]
     if missing:
