@@ -107,4 +107,31 @@ def test_ray_lines_that_do_not_apply_are_off_at_their_source_unless_verbose(monk
     from ray.data import DataContext
 
     quiet_data_context()
-    assert DataContext.get_current().enable_progress_bars  # off a terminal Ray Data logs progress at info level
+    assert not DataContext.get_current().enable_progress_bars  # off a terminal: no bars ...
+
+
+def test_ray_data_logs_in_every_process_of_a_local_ray_without_the_lines_that_do_not_apply(monkeypatch, capfd):
+    """... and Ray Data's warning that says so, like its no-CPU warning, is off in every process of a local Ray:
+    they configure Ray Data's loggers from RAY_DATA_LOGGING_CONFIG, which the driver sets before Ray starts."""
+    import os
+
+    from ray.data._internal.logging import configure_logging
+
+    from coin_ray.studies.quiet import quiet_ray_sources
+
+    for name in ("RAY_DATA_LOGGING_CONFIG", "RAY_DATA_LOG_ENCODING", "RAY_AIR_NEW_OUTPUT",
+                 "RAY_worker_maximum_startup_concurrency"):
+        monkeypatch.delenv(name, raising=False)
+    quiet_ray_sources(False, cpus=2)
+    try:
+        configure_logging()  # what `import ray.data` does in each Ray process
+        logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To enable, set ...")
+        logging.getLogger("ray.data.dataset").warning("Warning: The Ray cluster currently does not have any "
+                                                      "available CPUs. The Dataset job will hang ...")
+        logging.getLogger("ray.data.dataset").warning("a warning that applies")
+        err = capfd.readouterr().err
+    finally:
+        os.environ.pop("RAY_DATA_LOGGING_CONFIG", None)
+        configure_logging()  # Ray Data's default again
+    assert "a warning that applies" in err
+    assert "Progress bars disabled" not in err and "available CPUs" not in err

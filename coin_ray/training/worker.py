@@ -70,38 +70,23 @@ def control_process_group() -> Any:
 
 
 def quiet_data_context() -> None:
-    """Ray Data settings of this process: ordered (reproducible batches). Progress stays on: off a terminal Ray
-    Data then logs it at info level (shown with --verbose) instead of warning that bars are disabled."""
+    """Ray Data settings of this process: ordered (reproducible batches) and, off a terminal, no progress bars
+    (Ray Data's warning that says so is off unless --verbose: `quiet_ray_logs`, `coin_ray.studies.quiet`)."""
+    import sys
+
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
-
-
-# Ray's warnings that do not apply to how the platform sizes its resources, by the logger that emits them:
-# a Train worker holds the CPU its trial was given, and the splits it materialises were sized for it (small
-# ones are read into the object store once, big ones stream with a CPU kept for ingest: see
-# coin_ray.studies.cli.default_concurrency), so "no available CPUs ... will hang" is not true there.
-NOT_APPLICABLE = {"ray.data.dataset": ("Warning: The Ray cluster currently does not have any available CPUs",)}
-
-
-class _NotApplicable(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]) -> None:
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
+    ctx.enable_progress_bars = sys.stderr.isatty()
 
 
 def quiet_not_applicable(verbose: bool) -> None:
-    """Drop the records of `NOT_APPLICABLE` at the loggers that emit them (this process), unless `verbose`."""
-    for name, prefixes in NOT_APPLICABLE.items():
-        logger = logging.getLogger(name)
-        for f in [f for f in logger.filters if isinstance(f, _NotApplicable)]:
-            logger.removeFilter(f)
-        if not verbose:
-            logger.addFilter(_NotApplicable(prefixes))
+    """Drop Ray's warnings that do not apply (`coin_ray.studies.quiet.NOT_APPLICABLE`) at the loggers that emit
+    them in this process, unless `verbose`."""
+    from coin_ray.studies.quiet import NotApplicable
+
+    NotApplicable.install(not verbose)
 
 
 def progress(message: str) -> None:
@@ -123,6 +108,8 @@ def quiet_ray_logs(verbose: bool) -> None:
     its full metric dict ("Reporting training result ..."), Ray Data every finished dataset, transformers a
     progress bar per checkpoint load."""
     level = logging.INFO if verbose else logging.WARNING
+    # Ray Data's "Progress bars disabled" (its progress module logs nothing else above info)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.NOTSET if verbose else logging.ERROR)
     names = ["ray.data", "ray.train"]
     try:  # Ray Train's reporting logger is named after its file
         from ray.train.v2._internal.execution import context
