@@ -104,6 +104,13 @@ def test_ray_lines_that_do_not_apply_are_off_at_their_source_unless_verbose(monk
     assert records == ["another warning", "Warning: The Ray cluster currently does not have any available CPUs. "
                                           "(verbose)"]
 
+    from coin_ray.training.worker import quiet_ray_logs
+
+    quiet_ray_logs(False)  # in a Train worker: the embedding judge's "Loading SentenceTransformer model from ..."
+    assert not logging.getLogger("sentence_transformers.base.model").isEnabledFor(logging.INFO)
+    quiet_ray_logs(True)
+    assert logging.getLogger("sentence_transformers.base.model").isEnabledFor(logging.INFO)
+
     from ray.data import DataContext
 
     quiet_data_context()

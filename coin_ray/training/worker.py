@@ -110,7 +110,7 @@ def quiet_ray_logs(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     # Ray Data's "Progress bars disabled" (its progress module logs nothing else above info)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.NOTSET if verbose else logging.ERROR)
-    names = ["ray.data", "ray.train"]
+    names = ["ray.data", "ray.train", "sentence_transformers"]  # ... and the embedding judge's "Loading ... model"
     try:  # Ray Train's reporting logger is named after its file
         from ray.train.v2._internal.execution import context
 
