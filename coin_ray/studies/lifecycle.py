@@ -24,10 +24,9 @@ from tracking.plots import spread_figure, table_heatmap
 def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     """Everything that can be wrong before a trial starts: the model folder, per-GPU memory, storage, tracking
     server, Ray address."""
-    if cfg.model.source != "tiny":
-        from coin_ray.models import check_model_source
+    from coin_ray.models._assemble import check_model
 
-        check_model_source(cfg.model.source)
+    check_model(cfg.model)  # the folder, or the parts a model is assembled from (their shapes)
     if cfg.scaling.use_gpu:
         from coin_ray.models.memory import check_memory, estimate_for_config
 

@@ -91,7 +91,7 @@ def start_run(wc: WorkerConfig, env: WorkerEnv) -> WorkerRun:
     run_dir = storage / "runs" / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.model.seed)
-    model, processor = build_model(cfg, storage, env.device)
+    model, processor = build_model(cfg, storage, env.device, wc.data.model_source)
     model.to(env.device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -234,31 +234,8 @@ class StageStore:
         trial finished the stage while this one waited, that `StageEntry`. A claim whose owner died (same
         host, process gone) or stopped heartbeating for `stale_s` seconds is taken over, so a crash never
         blocks the stage forever."""
-        path = self.root / f".claim-{key}"
-        announced = False
-        while True:
-            entry = self.get(key)
-            if entry is not None:
-                return entry
-            token = uuid.uuid4().hex
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if _claim_is_stale(path, stale_s):
-                    try:  # only one of several waiters wins this rename; the others see the new claim
-                        os.replace(path, self.root / f".stale-claim-{key}-{token[:8]}")
-                    except OSError:
-                        pass
-                    continue
-                if not announced:
-                    print(f"[coin-ray] stage store: stage {key} is being trained by another trial; waiting for it",
-                          flush=True)
-                    announced = True
-                time.sleep(poll_s)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": token, "time": time.time()}, f)
-            return StageClaim(path, token, heartbeat_s=stale_s / 4)
+        return take_claim(self.root / f".claim-{key}", lambda: self.get(key), poll_s=poll_s, stale_s=stale_s,
+                          what=f"stage {key} is being trained by another trial")
 
     def ensure_eval_dir(self, key: str, material: dict[str, Any]) -> Path:
         """An entry with no checkpoint (the zero-shot row of the base model): created if absent."""
@@ -370,6 +347,37 @@ class StageStore:
         if not dry_run:
             pruned = [p for p in pruned if self.delete(p.key)]
         return pruned
+
+
+def take_claim(path: Path, ready: Callable[[], T | None], *, what: str, poll_s: float = 0.5,
+               stale_s: float = 120.0) -> "StageClaim | T":
+    """The exclusive right to produce something (a stage, an assembled model), or what `ready()` returns once
+    another process has produced it. `path` is the claim file, created exclusively and heartbeated; a claim
+    whose owner died (same host, process gone) or stopped heartbeating for `stale_s` seconds is taken over.
+    `what` is printed once while waiting ("stage K is being trained by another trial")."""
+    announced = False
+    while True:
+        done = ready()
+        if done is not None:
+            return done
+        token = uuid.uuid4().hex
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _claim_is_stale(path, stale_s):
+                try:  # only one of several waiters wins this rename; the others see the new claim
+                    os.replace(path, path.parent / f".stale-{path.name.lstrip('.')}-{token[:8]}")
+                except OSError:
+                    pass
+                continue
+            if not announced:
+                print(f"[coin-ray] {what}; waiting for it", flush=True)
+                announced = True
+            time.sleep(poll_s)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": token, "time": time.time()}, f)
+        return StageClaim(path, token, heartbeat_s=stale_s / 4)
 
 
 def _claim_is_stale(path: Path, stale_s: float) -> bool:
