@@ -188,7 +188,8 @@ def stage_datasets(cfg: ExperimentConfig, prepared: PreparedData) -> tuple[dict[
         stage_bytes = epochs * n * _row_bytes(cfg)
         local = all(task in prepared.train_datasets for task in prefix) and stage_bytes <= d.materialize_below_mb * 2**20
         datasets[f"stage_{k}"] = do.epoch_stream(ds, stage_seed(t.seed, prefix), epochs, local=local,
-                                                 partitions=math.ceil(n * _row_bytes(cfg) / 2**27))
+                                                 partitions=math.ceil(n * _row_bytes(cfg) / 2**27),
+                                                 per_step=per_step if t.group_by_length else 0)
         rows.append(n)
     return datasets, rows
 
