@@ -204,3 +204,17 @@ def test_two_stage_run_from_parts(ray_cluster, parts, tmp_path, layout):
     again = prepare_data(cfg.replace(name=f"{layout}-b"))  # the assembled folder and the data are reused
     assert again.model_source == str(assembled) and again.data_hash == data.data_hash
     assert [p.name for p in (tmp_path / "models").iterdir()] == [assembled.name]
+
+
+def test_memory_preflight_reads_the_assembled_shape_and_olora_ranks(parts):
+    from coin_ray.models.memory import estimate_for_config
+
+    cfg = ExperimentConfig.from_dict({"model.source": str(parts["lm"]), "model.vision_tower": str(parts["vision"]),
+                                      "model.projector": str(parts["projector"]), "tuner.method": "lora",
+                                      "tuner.rank": 4, "train.weight_decay": 0})
+    lora = estimate_for_config(cfg)
+    olora = estimate_for_config(cfg.replace(**{"cl.method": "olora"}))
+    assert lora.total_params > 0 and olora.trainable_params > lora.trainable_params
+    projector = sum(v.numel() for v in _parts.projector_weights().values())
+    adapters = lora.trainable_params - projector
+    assert olora.trainable_params - projector == adapters * len(cfg.order)  # r x T
