@@ -3,6 +3,7 @@ original layout: the folder it writes, the one-line errors before Ray, the proje
 grouped batches, and two-stage runs from both."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -184,7 +185,10 @@ def test_new_keys_enter_the_stage_key():
 @pytest.mark.integration
 @pytest.mark.parametrize("layout", ["parts", "original"])
 def test_two_stage_run_from_parts(ray_cluster, parts, tmp_path, layout):
+    from mlflow import MlflowClient
+
     from coin_ray.training import prepare_data, run_continual
+    from tracking import MlflowTracker
 
     model = ({"model.vision_tower": str(parts["vision"]), "model.projector": str(parts["projector"])}
              if layout == "parts" else {"model.vision_tower": str(parts["vision"])})
@@ -194,13 +198,22 @@ def test_two_stage_run_from_parts(ray_cluster, parts, tmp_path, layout):
     data = prepare_data(cfg)
     [assembled] = (tmp_path / "models").iterdir()
     assert data.model_source == str(assembled)
-    result = run_continual(cfg, prepared=data)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = functools.partial(MlflowTracker, uri, "parts", cfg.name) if layout == "parts" else None
+    result = run_continual(cfg, prepared=data, hooks_factory=tracker)
     assert len(result.matrix) == 2 and all(v is not None and 0 <= v <= 1 for row in result.matrix for v in row)
     stages = json.loads((tmp_path / "runs" / cfg.name / "stages.json").read_text())
     for s in stages:
         losses = json.loads((Path(s["path"]) / "checkpoint" / "train_losses.json").read_text())
         assert len(losses) == 6 and all(math.isfinite(loss) for _, loss in losses)
     assert finite_adapters(stages)
+    assert result.environment["device"] == "cpu" and result.environment["torch"] == torch.__version__
+    if tracker is not None:  # the trial run carries the environment as tags
+        client = MlflowClient(uri)
+        [run] = client.search_runs([client.get_experiment_by_name("parts").experiment_id])
+        assert result.environment == {k.removeprefix("coin_ray.env."): v for k, v in run.data.tags.items()
+                                      if k.startswith("coin_ray.env.")}
+        assert {f"coin_ray.env.{k}" for k in ("python", "transformers", "peft", "ray", "coin_ray")} <= set(run.data.tags)
     again = prepare_data(cfg.replace(name=f"{layout}-b"))  # the assembled folder and the data are reused
     assert again.model_source == str(assembled) and again.data_hash == data.data_hash
     assert [p.name for p in (tmp_path / "models").iterdir()] == [assembled.name]
@@ -218,3 +231,17 @@ def test_memory_preflight_reads_the_assembled_shape_and_olora_ranks(parts):
     projector = sum(v.numel() for v in _parts.projector_weights().values())
     adapters = lora.trainable_params - projector
     assert olora.trainable_params - projector == adapters * len(cfg.order)  # r x T
+
+
+def test_environment_of_a_result_and_the_line_when_trials_differ():
+    from coin_ray.environment import environment, environment_tags, environments_line
+
+    env = environment()
+    assert env["device"] == "cpu" and "cuda" not in env and env["torch"] == torch.__version__
+    assert env["coin_ray"].startswith("0.1.0")
+    assert environment_tags(env)["coin_ray.env.python"] == env["python"]
+    assert environments_line([env, env, None]) is None
+    gpu = {**env, "device": "NVIDIA H100 80GB HBM3 x 8", "cuda": "12.8"}
+    line = environments_line([env, gpu, env])
+    assert line.startswith("environment: the trials ran in 2 environments") and "\n" not in line
+    assert "device NVIDIA H100 80GB HBM3 x 8 (1) / cpu (2)" in line and "cuda 12.8 (1) / none (2)" in line
