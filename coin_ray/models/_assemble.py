@@ -195,7 +195,10 @@ def ensure_assembled(plan: AssemblyPlan, storage: Path) -> Path:
     from coin_ray.training.store import take_claim
 
     target = Path(storage) / MODELS_DIR / plan.content_hash()
-    done = lambda: target if (target / "config.json").is_file() else None  # noqa: E731
+
+    def done() -> Path | None:  # a whole folder (renamed into place) holds config.json
+        return target if (target / "config.json").is_file() else None
+
     if done() is not None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,9 @@ def sorted_epochs(ds: Any, seed: Any, epochs: int, partitions: int = 2, per_step
     without sampling: a row's bucket is its pass x partitions + the partition its key falls in, the primary
     sort column, and its key breaks the ties within a bucket.
 
+    With `per_step` > 0 (length grouping) a row's key is its place in `epoch_orders` (spread over the same
+    range), which needs every row's (task, index, length): those three columns are read here, not the rows.
+
     The passes are sorted together, not each on its own and then concatenated: Ray Data's `union` of datasets
     interleaves their blocks (round-robin under preserve_order, in arrival order without it), so the union of
     per-pass sorts would mix the passes' blocks, by a pattern that depends on how many blocks each pass has."""

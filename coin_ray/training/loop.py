@@ -72,8 +72,8 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
             if k == len(prefixes) - 1:
                 # the run is closed (hooks, result.json) before its last stage is reported: a Tune scheduler
                 # may stop the trial the moment it sees that report (ASHA stops every trial reaching max_t)
-                result = dataclasses.replace(tally.result(adapter_dir=str(stage.entry.checkpoint / ADAPTER_DIR)),
-                                 environment=run_env)
+                result = dataclasses.replace(
+                    tally.result(adapter_dir=str(stage.entry.checkpoint / ADAPTER_DIR)), environment=run_env)
                 finish_run(run, result)
                 finished = True
             with span("reporting", stage=k):

@@ -235,7 +235,7 @@ class StageStore:
         host, process gone) or stopped heartbeating for `stale_s` seconds is taken over, so a crash never
         blocks the stage forever."""
         return take_claim(self.root / f".claim-{key}", lambda: self.get(key), poll_s=poll_s, stale_s=stale_s,
-                          what=f"stage {key} is being trained by another trial")
+                          what=f"stage store: stage {key} is being trained by another trial")
 
     def ensure_eval_dir(self, key: str, material: dict[str, Any]) -> Path:
         """An entry with no checkpoint (the zero-shot row of the base model): created if absent."""
