@@ -25,9 +25,10 @@ from tracking.plots import spread_figure, table_heatmap
 def preflight(cfg: ExperimentConfig, args: argparse.Namespace) -> None:
     """Everything that can be wrong before a trial starts: the model folder, per-GPU memory, storage, tracking
     server, Ray address."""
-    from coin_ray.models._assemble import check_model
+    if cfg.model.source != "tiny":  # (torch and transformers are imported only for a folder to check)
+        from coin_ray.models._assemble import check_model
 
-    check_model(cfg.model)  # the folder, or the parts a model is assembled from (their shapes)
+        check_model(cfg.model)  # the folder, or the parts a model is assembled from (their shapes)
     if cfg.scaling.use_gpu:
         from coin_ray.models.memory import check_memory, estimate_for_config
 
