@@ -245,3 +245,30 @@ def test_environment_of_a_result_and_the_line_when_trials_differ():
     line = environments_line([env, gpu, env])
     assert line.startswith("environment: the trials ran in 2 environments") and "\n" not in line
     assert "device NVIDIA H100 80GB HBM3 x 8 (1) / cpu (2)" in line and "cuda 12.8 (1) / none (2)" in line
+
+
+def test_a_second_caller_waits_for_the_claimed_assembly_and_reuses_it(parts, tmp_path, capsys):
+    """Two sweeps on one storage path: the first claims the content hash and assembles, the second waits for
+    the folder instead of assembling it again."""
+    import threading
+
+    from coin_ray._files import write_dir_atomic
+    from coin_ray.models._assemble import assemble
+    from coin_ray.training.store import StageClaim, take_claim
+
+    plan = check_assembly(str(parts["lm"]), str(parts["vision"]), str(parts["projector"]))
+    target = tmp_path / "models" / plan.content_hash()
+    target.parent.mkdir(parents=True)
+    claim = take_claim(target.parent / f".claim-{target.name}", lambda: None, what="-")
+    assert isinstance(claim, StageClaim)
+    got = {}
+    waiter = threading.Thread(target=lambda: got.setdefault("folder", ensure_assembled(plan, tmp_path)))
+    waiter.start()
+    waiter.join(timeout=1.5)
+    assert waiter.is_alive() and not target.exists(), "the second caller must wait while the model is claimed"
+    write_dir_atomic(target, lambda tmp: assemble(plan, tmp))
+    claim.release()
+    waiter.join(timeout=30)
+    assert got["folder"] == target
+    out = capsys.readouterr().out
+    assert f"model {target.name} is being assembled; waiting for it" in out and "model assembled in" not in out
