@@ -58,7 +58,7 @@ MODEL_DTYPES = ("auto", "bf16", "fp16", "fp32")  # model.dtype: the dtype the fr
 PROMPTS = ("auto", "vicuna_v1", "checkpoint")
 # model_type -> the prompt `auto` means (= each family's first `Family.prompts`; a test keeps them equal);
 # a family not listed is prompted with its checkpoint's chat template
-AUTO_PROMPTS = {"llava": "vicuna_v1"}
+AUTO_PROMPTS = {"llava": "vicuna_v1", "llava_llama": "vicuna_v1"}  # llava_llama: LLaVA's original layout
 
 
 def auto_prompt(source: Any) -> str | None:
@@ -191,6 +191,11 @@ class ModelConfig:
     any other value is a local checkpoint folder (e.g. llava-1.5-7b-hf) loaded with local_files_only."""
 
     source: str = "tiny"
+    # with source a language-model folder (e.g. vicuna-7b-v1.5): the parts LLaVA is assembled from, once per
+    # content, into <storage_path>/models/<hash>/ (coin_ray.models._assemble); vision_tower also names the CLIP
+    # folder of a source in LLaVA's original layout (model_type llava_llama) whose mm_vision_tower is a hub id
+    vision_tower: str | None = None  # a local CLIP vision folder with its preprocessor_config.json
+    projector: str | None = None  # LLaVA's stage-1 mm_projector.bin (or .safetensors)
     dtype: str = "auto"  # frozen base weights: auto (bf16 on CUDA with bf16, fp32 on CPU) | bf16 | fp16 | fp32
     prompt: str = "auto"  # auto (the family's: vicuna_v1 for LLaVA, else checkpoint) | vicuna_v1 | checkpoint
     image_size: int = 32
@@ -210,7 +215,11 @@ class ModelConfig:
         """The prompt trained with: `prompt`, or for `auto` the family's own (`auto_prompt`; "auto" while the
         folder cannot be read). The config keeps `auto`, so a changed source (a --grid over folders) resolves
         again; `flatten()` (MLflow params, hashes) holds the resolved value."""
-        return (auto_prompt(self.source) or "auto") if self.prompt == "auto" else self.prompt
+        if self.prompt != "auto":
+            return self.prompt
+        if self.vision_tower or self.projector:  # a LLaVA assembled from parts (coin_ray.models._assemble)
+            return AUTO_PROMPTS["llava"]
+        return auto_prompt(self.source) or "auto"
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -224,6 +233,11 @@ class ModelConfig:
         _check(p, self.pretrain_steps >= 0, f"model.pretrain_steps must be >= 0, got {self.pretrain_steps}")
         _check(p, self.dtype in MODEL_DTYPES, f"model.dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
         _check(p, self.prompt in PROMPTS, f"model.prompt must be one of {PROMPTS}, got {self.prompt!r}")
+        if self.source == "tiny":
+            for name in ("vision_tower", "projector"):
+                _check(p, getattr(self, name) is None, f"model.{name} is for assembling a model from parts; "
+                       f"model.source 'tiny' has its own: set model.source to a language-model folder or drop "
+                       f"model.{name}")
         if self.prompt == "checkpoint":
             _check(p, self.source != "tiny", "model.prompt 'checkpoint' needs a checkpoint folder with a chat "
                    "template as model.source; the tiny model has none (use vicuna_v1)")
@@ -332,6 +346,7 @@ class TrainConfig:
     scripts do); `max_steps` > 0 overrides `epochs`."""
 
     lr: float = 1e-3
+    projector_lr: float | None = None  # the projector's AdamW lr (None = lr; CoIN: 2e-5 beside LoRA's 2e-4)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     epochs: float = 10.0  # the embedded default; CoIN trains 1 epoch per stage (configs/coin_llava7b.yaml)
@@ -344,11 +359,16 @@ class TrainConfig:
     batch_size_per_task: Mapping[str, Any] = field(default_factory=dict)  # e.g. {Grounding: 8}; else batch_size
     joint: bool = False  # the multitask upper bound: one stage on the union of the order's tasks
     max_grad_norm: float = 1.0
+    # each optimizer step's rows (batch x workers x grad_accum) sorted by length inside the seeded epoch order,
+    # as LLaVA's group_by_modality_length groups them (CoIN: on): less padding, the same rows each epoch
+    group_by_length: bool = False
     seed: int = 0
 
     def problems(self) -> list[str]:
         p: list[str] = []
         _check(p, self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(p, self.projector_lr is None or self.projector_lr > 0,
+               f"train.projector_lr must be > 0 or null (= train.lr), got {self.projector_lr}")
         _check(p, 0 <= self.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _check(p, self.epochs > 0 or self.max_steps > 0, "train.epochs or train.max_steps must be > 0")
         _check(p, self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")

@@ -57,10 +57,16 @@ def test_set_values_checked_against_field_types(pair, message):
     assert e.value.problems == [message]
 
 
-def test_shipped_config_parses(tmp_path):
-    cfg = _config("--config", str(ROOT / "configs" / "coin_llava7b.yaml"))
+@pytest.mark.parametrize("name", ["coin_llava7b", "coin_llava7b_hf"])
+def test_shipped_config_parses(tmp_path, name):
+    cfg = _config("--config", str(ROOT / "configs" / f"{name}.yaml"))
     assert cfg.train.lr == 2e-4 and cfg.train.epochs == 1.0 and cfg.tuner.rank == 128
     assert cfg.train.gradient_checkpointing is True and cfg.data.benchmark == "coin"
+    if name == "coin_llava7b":  # CoIN's own start and recipe: Vicuna + CLIP + stage-1 projector
+        assert cfg.model.source.endswith("vicuna-7b-v1.5") and cfg.model.projector.endswith("mm_projector.bin")
+        assert cfg.model.vision_tower.endswith("clip-vit-large-patch14-336")
+        assert (cfg.train.projector_lr, cfg.train.group_by_length) == (2e-5, True)
+        assert cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers == 896
 
 
 def test_yaml_config_values_are_typed(tmp_path):

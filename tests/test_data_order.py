@@ -99,6 +99,21 @@ def test_a_streamed_stage_is_sorted_into_the_order_of_a_small_one_whatever_its_b
 
 
 @integration
+def test_a_length_grouped_stage_reorders_within_each_step_alike_streamed_or_small(prepared):
+    """train.group_by_length: each optimizer step (here 8 rows) holds the rows it holds without grouping, sorted
+    longest first; a streamed stage (the Ray Data sort) gets the same order as a small one."""
+    storage, data = prepared
+    n = ROWS + 8
+    cfg = _cfg(storage, **{"train.replay_per_task": 8, "train.max_steps": n // 8, "train.group_by_length": True})
+    grouped, _ = _stage_rows(cfg, data, 1)
+    plain, _ = _stage_rows(cfg.replace(**{"train.group_by_length": False}), data, 1)
+    assert grouped != plain
+    assert all(sorted(grouped[s:s + 8]) == sorted(plain[s:s + 8]) for s in range(0, len(plain), 8))
+    streamed, _ = _stage_rows(cfg.replace(**{"data.materialize_below_mb": 0}), data, 1)
+    assert streamed == grouped
+
+
+@integration
 def test_replay_is_a_seeded_random_sample_spread_through_the_stage(prepared):
     storage, data = prepared
     cfg = _cfg(storage, **{"train.replay_per_task": 8})

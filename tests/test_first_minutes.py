@@ -66,7 +66,7 @@ def test_a_stage_wait_is_announced_and_its_end_reported(tmp_path, progress_lines
     second.release()
     err = progress_lines()
     assert "waiting for stage kkkkkkkkkkkk: started (another trial is training it" in err
-    assert re.search(r"waiting for stage kkkkkkkkkkkk: done in \d+\.\d s \(its trainer stopped", err)
+    assert re.search(r"waiting for stage kkkkkkkkkkkk: done in \d+\.\d s \(the other process stopped: taken over here", err)
 
 
 def test_ray_lines_that_do_not_apply_are_off_at_their_source_unless_verbose(monkeypatch):

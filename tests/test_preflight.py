@@ -105,7 +105,7 @@ def test_names_from_any_value_are_safe_and_distinct():
 def test_model_prompt_auto_is_the_familys_own(folders):
     from coin_ray.models.families import FAMILIES
 
-    assert AUTO_PROMPTS == {n: f.prompts[0] for n, f in FAMILIES.items() if f.prompts[0] != "checkpoint"}
+    assert all(AUTO_PROMPTS.get(n, "checkpoint") == f.prompts[0] for n, f in FAMILIES.items())
     default = ExperimentConfig()
     assert default.model.prompt == "auto" and default.flatten()["model.prompt"] == "vicuna_v1"  # tiny: as before
     assert ExperimentConfig.from_dict({"model.source": str(folders["llava"])}).model.resolved_prompt() == "vicuna_v1"

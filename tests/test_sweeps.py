@@ -59,6 +59,10 @@ def test_task_order_smoke_sweep_cache_and_mlflow(tmp_path):
     assert len(set(orders)) == 6 and all(o.count(">") == 2 for o in orders)
     child = children[0]
     assert child.data.tags["mlflow.parentRunId"] == sweep.info.run_id
+    # where the results came from: the trials' environment on every trial run and on the sweep run
+    env = {k: v for k, v in child.data.tags.items() if k.startswith("coin_ray.env.")}
+    assert env["coin_ray.env.device"] == "cpu" and {"coin_ray.env.torch", "coin_ray.env.coin_ray"} <= set(env)
+    assert all({k: v for k, v in r.data.tags.items() if k.startswith("coin_ray.env.")} == env for r in runs)
     path = client.download_artifacts(child.info.run_id, "eval_matrix.json", str(tmp_path))
     payload = json.loads(Path(path).read_text())
     assert payload["tasks"] == child.data.params["task_order"].split(">")

@@ -76,14 +76,16 @@ def log_sweep_artifacts(tracking_uri: str, run_id: str, trials: "pd.DataFrame | 
                         metrics: Mapping[str, float] | None = None,
                         figures: Mapping[str, "Figure"] | None = None,
                         tables: Mapping[str, "pd.DataFrame"] | None = None,
-                        texts: Mapping[str, str] | None = None, step: int = 0) -> None:
+                        texts: Mapping[str, str] | None = None, step: int = 0,
+                        tags: Mapping[str, str] | None = None) -> None:
     """Log the sweep's results on its run:
 
     - `trials` -> `trials.csv` (one row per trial) and `summary.png` (bars of mft/mfn/bwt/forgetting per trial,
       when those columns exist; rows marked `partial` are left out);
     - `metrics` -> run metrics (e.g. stages_trained, stages_reused, order_variance_share), non-finite skipped;
     - `figures` {name: Figure} -> `analysis/<name>.png`; `tables` {name: DataFrame} -> `analysis/<name>.csv`;
-      `texts` {file name: text} -> `analysis/<file name>` (e.g. "summary.md").
+      `texts` {file name: text} -> `analysis/<file name>` (e.g. "summary.md");
+    - `tags` -> run tags (e.g. the trials' `coin_ray.env.*`).
     tracking/report.py prints the `analysis/*.csv` tables of a sweep run. Text files (CSV, text) pass through
     `redact_text` (a URI in a table cell loses its credentials).
     """
@@ -94,6 +96,11 @@ def log_sweep_artifacts(tracking_uri: str, run_id: str, trials: "pd.DataFrame | 
 
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
+    if tags:
+        from mlflow.entities import RunTag
+
+        run_tags = [RunTag(k, str(v)) for k, v in tags.items()]
+        call_with_retry(lambda: client.log_batch(run_id, tags=run_tags), "log sweep tags")
     if metrics:
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step) for k, v in finite_metrics(metrics).items()]

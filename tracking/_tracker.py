@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from coin_ray.environment import environment_tags
 from coin_ray.evaluation.metrics import mean_seen
 from coin_ray.training.hooks import RunInfo, RunResult, StageReport
 from tracking._outbox import Outbox, Write
@@ -146,7 +147,7 @@ class MlflowTracker:
         experiment_id = call_with_retry(
             lambda: get_or_create_experiment(client, self.tracking_uri, self.experiment), "get experiment",
             deadline=deadline)
-        tags = {**self.tags, **trial_setting_tags(info)}
+        tags = {**self.tags, **trial_setting_tags(info), **environment_tags(info.environment)}
         run, self.reopened = call_with_retry(
             lambda: open_keyed_run(client, experiment_id, self.run_name, self.run_key,
                                    parent_run_id=self.parent_run_id, role="trial", tags=tags), "open run",

@@ -165,7 +165,8 @@ def check_model_source(source: str | Path) -> dict[str, Any]:
         raise ModelSourceError(
             f"model folder {str(folder)!r} holds a {model_type!r} checkpoint ({arch}), not an image-text model of a "
             f"supported family ({', '.join(f'{k}: {v}' for k, v in SUPPORTED_FAMILIES.items())}): point model.source "
-            f"at e.g. a {' or '.join(f.example for f in FAMILIES.values())} folder")
+            f"at e.g. a {' or '.join(f.example for f in FAMILIES.values())} folder, or (a language model) give "
+            "model.vision_tower and model.projector to assemble LLaVA from it")
     has_processor = any((folder / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
     has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
     if not (has_processor and has_tokenizer):

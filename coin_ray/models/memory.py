@@ -149,7 +149,8 @@ def estimate_memory(model_config: Any, *, method: str, num_experts: int, rank: i
 
 def estimate_for_config(cfg: Any, model_config: Any = None) -> MemoryEstimate:
     """The estimate for an ExperimentConfig on a GPU (model.dtype auto -> bf16), from its checkpoint folder's
-    config.json unless `model_config` is given."""
+    config.json (or, for a model assembled from parts, the LlavaConfig the parts make) unless `model_config` is
+    given."""
     from transformers import AutoConfig
 
     if model_config is None and cfg.model.source == "tiny":
@@ -157,13 +158,17 @@ def estimate_for_config(cfg: Any, model_config: Any = None) -> MemoryEstimate:
 
         model_config = build_tiny_vlm(**cfg.model.tiny_kwargs())[0].config
     if model_config is None:
-        from coin_ray.models._build import check_model_source
+        from coin_ray.models._assemble import check_model
 
-        check_model_source(cfg.model.source)
-        model_config = AutoConfig.from_pretrained(Path(cfg.model.source).expanduser(), local_files_only=True)
+        plan = check_model(cfg.model)  # a model assembled from parts: the config it will have
+        model_config = plan.llava_config() if plan is not None else AutoConfig.from_pretrained(
+            Path(cfg.model.source).expanduser(), local_files_only=True)
     dtype = "bf16" if cfg.model.dtype == "auto" else cfg.model.dtype
     t = cfg.tuner
-    return estimate_memory(model_config, method=t.method, num_experts=t.num_experts, rank=t.rank, dtype=dtype,
+    # O-LoRA adds a rank-r block per task and keeps the earlier ones: by the last stage the adapters hold r x T
+    # (counted as trained: an upper bound, the frozen blocks need no optimizer state)
+    rank = t.rank * len(cfg.order) if cfg.cl.method == "olora" else t.rank
+    return estimate_memory(model_config, method=t.method, num_experts=t.num_experts, rank=rank, dtype=dtype,
                            gradient_checkpointing=cfg.train.gradient_checkpointing, batch_size=cfg.train.batch_size,
                            seq_len=cfg.data.max_length, world=max(cfg.scaling.num_workers, 1),
                            target_modules=list(t.target_modules) if t.target_modules else None)

@@ -51,7 +51,7 @@ def check_before_ray(cfg: ExperimentConfig, args: argparse.Namespace | None = No
     for variant in grid_variants(cfg, grid):
         m, d = variant.model, variant.data
         if m.source != "tiny":
-            once(("model", m.source, m.prompt), lambda: _check_model(m.source, m.prompt))
+            once(("model", m.source, m.prompt, m.vision_tower, m.projector), lambda: _check_model(m))
         if d.benchmark == "coin":
             once(("data", d.instructions, d.instruction_style, d.images, tuple(variant.order)),
                  lambda: _check_coin_data(variant))
@@ -77,10 +77,17 @@ def check_sweep_workers(cfg: ExperimentConfig, args: argparse.Namespace | None =
                              "to debug a run in-process")
 
 
-def _check_model(source: str, prompt: str) -> None:
+def _check_model(model: Any) -> None:
+    """A checkpoint folder (family, prompt, readable weights), or the parts a LLaVA is assembled from
+    (coin_ray.models._assemble: their configs and tensor headers)."""
+    from coin_ray.models._assemble import check_model, needs_assembly
+
+    if needs_assembly(model.source, model.vision_tower, model.projector):
+        check_model(model)
+        return
     from coin_ray.models.preflight import check_model_folder
 
-    check_model_folder(source, prompt)
+    check_model_folder(model.source, model.prompt)
 
 
 def _check_coin_data(cfg: ExperimentConfig) -> None:

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from coin_ray.config import ExperimentConfig
+from coin_ray.environment import environment_tags, environments_line
 from coin_ray.profiling import span
 from coin_ray.training.types import PreparedData
 from coin_ray.redact import redact_text
@@ -23,7 +24,7 @@ from tracking.plots import spread_figure, table_heatmap
 
 def preflight(cfg: ExperimentConfig, args: argparse.Namespace, grid: dict[str, list[Any]] | None = None) -> None:
     """Everything that can be wrong before a trial starts, checked before Ray starts: workers per trial, the
-    model folder, the data folders, the judge (`coin_ray.studies.checks`, for each `--grid` value too),
+    model folder (or the parts it is assembled from), the data folders, the judge (`coin_ray.studies.checks`, for each `--grid` value too),
     per-GPU memory, storage, tracking server; then Ray starts (or is joined at its address)."""
     from coin_ray.studies.checks import check_before_ray
 
@@ -138,6 +139,10 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
         summaries.append(format_methods(methods, metric))
         tables["methods"] = methods.table.set_index("method")
         figures["methods"] = spread_figure(methods.per_order, metric)
+    environments = [t.get("environment") for t in done]
+    differ = environments_line(environments)
+    if differ:
+        summaries.append(differ)
     for text in summaries:
         print("\n" + text)
     print(f"\nstages trained: {outcome.stages_trained}, stages reused from the stage store: {outcome.stages_reused}")
@@ -146,8 +151,10 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
 
         cfg = spec.base
         texts = {"summary.txt": "\n\n".join(summaries)} if summaries else {}
+        # the trials' environment on the sweep run when they shared one (else it keeps the driver's)
+        shared = environment_tags(environments[0]) if environments and environments[0] and not differ else None
         log_sweep_artifacts(cfg.tracking.tracking_uri, outcome.sweep_run_id, trials=table, metrics=metrics,
-                            figures=figures, tables=tables, texts=texts)
+                            figures=figures, tables=tables, texts=texts, tags=shared)
         close_sweep_run(cfg.tracking.tracking_uri, outcome.sweep_run_id,
                         status="FINISHED" if len(done) == len(outcome.trials) else "FAILED")
         ui_cmd, url = experiment_runs_url(cfg.tracking.tracking_uri, cfg.tracking.experiment)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from coin_ray.config import ExperimentConfig
+from coin_ray.environment import environment, environment_tags
 from coin_ray.evaluation.metrics import METRIC_NAMES
 from coin_ray.studies.naming import value_label
 from coin_ray.studies.space import HP_PREFIX, RANDOM_KEY_PREFIX, decode
@@ -171,7 +172,9 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
         spec.base = cfg
         with span("tracking"):
             sweep_run_id = open_sweep_run(cfg.tracking.tracking_uri, cfg.tracking.experiment, spec.name,
-                                          params=spec.sweep_params, tags={"coin_ray.sweep": spec.name}, run_key=key)
+                                          params=spec.sweep_params, run_key=key,
+                                          # the driver's; finish_sweep puts the trials' there when they share one
+                                          tags={"coin_ray.sweep": spec.name, **environment_tags(environment())})
         tracking = TrialTracking(cfg.tracking.tracking_uri, cfg.tracking.experiment, sweep_run_id, spec.name,
                                  # undelivered MLflow writes stay beside the results (shared storage on a cluster)
                                  spool_dir=str(storage / "mlflow_spool"))
@@ -220,6 +223,7 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
             rr = load_run_result(tcfg, data_hash)
             row.update(matrix=rr.matrix, knowledge_matrix=rr.knowledge_matrix, metrics=rr.metrics,
                        stages_reused=len(rr.stages_reused), zero_shot=rr.zero_shot, partial=False,
+                       environment=rr.environment,
                        stage_reached=row["n_stages"], last_reported={})
         except NoRunResult:  # stopped early (ASHA) or failed: no final metrics, only what Tune saw last
             last = {k: v for k, v in (res.metrics or {}).items() if isinstance(v, (int, float))}

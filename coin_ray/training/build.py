@@ -18,17 +18,19 @@ def resolved_precision(cfg: ExperimentConfig, device: torch.device) -> tuple[tor
     return base, resolve_autocast(cfg.train.precision, base, device)
 
 
-def build_base(cfg: ExperimentConfig, storage_path: Path, device: torch.device | None = None
-               ) -> tuple[torch.nn.Module, Any]:
+def build_base(cfg: ExperimentConfig, storage_path: Path, device: torch.device | None = None,
+               source: str | None = None) -> tuple[torch.nn.Module, Any]:
     """The base VLM: tiny from config (optionally instruction-pretrained, cached under <storage>/base), or a
-    local checkpoint folder; held in `model.dtype` as resolved for `device` (CPU when None)."""
+    local checkpoint folder (`source`: the one the driver resolved, e.g. an assembled model's; default
+    model.source); held in `model.dtype` as resolved for `device` (CPU when None)."""
     from coin_ray.models import build_vlm
     from coin_ray.models._precision import resolve_dtype
 
     dtype = resolve_dtype(cfg.model.dtype, device or torch.device("cpu"))
-    tiny = cfg.model.source == "tiny"
+    source = source or cfg.model.source
+    tiny = source == "tiny"
     kwargs = cfg.model.tiny_kwargs() if tiny else {"dtype": dtype}
-    model, processor = build_vlm(cfg.model.source, **kwargs)
+    model, processor = build_vlm(source, **kwargs)
     if tiny and cfg.model.pretrain_steps > 0:
         from coin_ray.synthetic.base import pretrain_base
 
@@ -39,8 +41,8 @@ def build_base(cfg: ExperimentConfig, storage_path: Path, device: torch.device |
     return model, processor
 
 
-def build_model(cfg: ExperimentConfig, storage_path: Path, device: torch.device | None = None
-                ) -> tuple[torch.nn.Module, Any]:
+def build_model(cfg: ExperimentConfig, storage_path: Path, device: torch.device | None = None,
+                source: str | None = None) -> tuple[torch.nn.Module, Any]:
     """The base VLM with the tuner applied - the one the continual method builds on (`Method.tuner`; adapter
     init seeded by train.seed: part of the replicate); every trainable parameter is a float32 master weight
     whatever the base dtype."""
@@ -48,7 +50,7 @@ def build_model(cfg: ExperimentConfig, storage_path: Path, device: torch.device 
     from coin_ray.models._precision import fp32_master_weights
     from coin_ray.tuners import apply_tuner
 
-    model, processor = build_base(cfg, storage_path, device)
+    model, processor = build_base(cfg, storage_path, device, source)
     torch.manual_seed(cfg.train.seed)
     tuner, options = build_method(cfg).tuner()
     apply_tuner(model, tuner, **options)

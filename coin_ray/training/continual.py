@@ -49,14 +49,18 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
         tasks = tuple(tasks or cfg.order)
         instructions, images = coin_instructions(d.instructions, d.instruction_style), Path(d.images)
     annotations = d.textvqa_annotations if d.benchmark == "coin" else None
-    model_kwargs = cfg.model.tiny_kwargs() if cfg.model.source == "tiny" else {}
+    from coin_ray.models._assemble import resolve_model_source
+
+    with span("model assembly"):  # a driver step: preprocessing needs the assembled tokenizer (see README)
+        source = resolve_model_source(cfg.model, storage)
+    model_kwargs = cfg.model.tiny_kwargs() if source == "tiny" else {}
     if cfg.model.resolved_prompt() != "vicuna_v1":  # the prompt is baked into the preprocessed tokens
         model_kwargs["prompt"] = cfg.model.resolved_prompt()
     out = Path(d.processed) if d.processed else storage / "data" / _short_hash(
-        [str(instructions), str(images), sorted(tasks), cfg.model.source, model_kwargs, d.max_length,
+        [str(instructions), str(images), sorted(tasks), source, model_kwargs, d.max_length,
          d.max_image_pixels, *([str(annotations)] if annotations else [])])
     with span("preprocessing"):
-        manifest = preprocess(str(instructions), str(images), list(tasks), str(out), model_source=cfg.model.source,
+        manifest = preprocess(str(instructions), str(images), list(tasks), str(out), model_source=source,
                               model_kwargs=model_kwargs, max_length=d.max_length,
                               max_image_pixels=d.max_image_pixels, textvqa_annotations=annotations)
     splits: dict[str, dict[str, str]] = {}
@@ -76,7 +80,8 @@ def prepare_data(cfg: ExperimentConfig, tasks: tuple[str, ...] | None = None) ->
         with span("base pretraining"):
             build_base(cfg, storage)
     return PreparedData(processed=str(out), splits=splits, rows=rows, data_hash=manifest["content_hash"],
-                        benchmark=d.benchmark, instructions=str(instructions), images=str(images))
+                        benchmark=d.benchmark, instructions=str(instructions), images=str(images),
+                        model_source=source)
 
 
 # CoIN's instruction folders, one per style, side by side (e.g. CoIN/Instructions_Original, .../Instructions_Diverse)
@@ -192,7 +197,8 @@ def stage_datasets(cfg: ExperimentConfig, prepared: PreparedData) -> tuple[dict[
         stage_bytes = epochs * n * _row_bytes(cfg)
         local = all(task in prepared.train_datasets for task in prefix) and stage_bytes <= d.materialize_below_mb * 2**20
         datasets[f"stage_{k}"] = do.epoch_stream(ds, stage_seed(t.seed, prefix), epochs, local=local,
-                                                 partitions=math.ceil(n * _row_bytes(cfg) / 2**27))
+                                                 partitions=math.ceil(n * _row_bytes(cfg) / 2**27),
+                                                 per_step=per_step if t.group_by_length else 0)
         rows.append(n)
     return datasets, rows
 

@@ -105,12 +105,45 @@ def order_keys(seed: Any, tasks: Any, indices: Any) -> np.ndarray:
     return (row_keys(seed, tasks, indices) >> np.uint64(1)).astype(np.int64)
 
 
-def sorted_epochs(ds: Any, seed: Any, epochs: int, partitions: int = 2) -> Any:
+def length_grouped(order: np.ndarray, lengths: np.ndarray, per_step: int) -> np.ndarray:
+    """`order` (row positions, one epoch) with each optimizer step's rows - consecutive runs of `per_step` - sorted
+    longest first (ties keep their order): the rows of a step and of the epoch are unchanged, but each
+    micro-batch holds rows of similar length, so padding shrinks. LLaVA's group_by_modality_length does the same
+    with mega-batches of one step's rows."""
+    order = np.asarray(order)
+    out = order.copy()
+    for start in range(0, len(order), max(1, per_step)):
+        chunk = order[start:start + per_step]
+        out[start:start + len(chunk)] = chunk[np.argsort(-np.asarray(lengths)[chunk], kind="stable")]
+    return out
+
+
+def epoch_orders(seed: Any, tasks: Any, indices: Any, epochs: int, lengths: Any = None, per_step: int = 0
+                 ) -> list[np.ndarray]:
+    """Each epoch's order of the rows (positions into tasks/indices): sorted by that epoch's `order_keys`, then,
+    with `lengths` and `per_step`, grouped by length one optimizer step at a time (`length_grouped`)."""
+    orders = [np.argsort(order_keys(derived_seed(seed, "epoch", e), tasks, indices), kind="stable")
+              for e in range(max(1, epochs))]
+    if lengths is not None and per_step > 0:
+        orders = [length_grouped(o, lengths, per_step) for o in orders]
+    return orders
+
+
+def _row_lengths(table: Any) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False)
+
+
+def sorted_epochs(ds: Any, seed: Any, epochs: int, partitions: int = 2, per_step: int = 0) -> Any:
     """`epochs` passes over `ds` as one dataset, pass e in the order of `order_keys(derived_seed(seed, "epoch",
     e), task, index)`: one distributed Ray Data sort of every pass's rows by (pass, key), into `partitions`
     blocks per pass (nothing collected on the driver). The keys are uniform, so the boundaries are known
     without sampling: a row's bucket is its pass x partitions + the partition its key falls in, the primary
     sort column, and its key breaks the ties within a bucket.
+
+    With `per_step` > 0 (length grouping) a row's key is its place in `epoch_orders` (spread over the same
+    range), which needs every row's (task, index, length): those three columns are read here, not the rows.
 
     The passes are sorted together, not each on its own and then concatenated: Ray Data's `union` of datasets
     interleaves their blocks (round-robin under preserve_order, in arrival order without it), so the union of
@@ -119,12 +152,32 @@ def sorted_epochs(ds: Any, seed: Any, epochs: int, partitions: int = 2) -> Any:
 
     parts = max(2, partitions)
     width = 2**63 // parts
+    positions = None
+    if per_step > 0:  # length grouping needs each row's place in the epoch: (task, index, length) read here
+        meta = ds.map_batches(lambda t: pa.table({"task": t["task"], "index": t["index"],
+                                                  "length": pa.array(_row_lengths(t))}),
+                              batch_format="pyarrow", batch_size=None).to_arrow_refs()
+        import ray
+
+        meta = pa.concat_tables(ray.get(meta))
+        tasks, indices = meta["task"].to_numpy(zero_copy_only=False), meta["index"].to_numpy()
+        positions = []
+        for e, order in enumerate(epoch_orders(seed, tasks, indices, epochs, meta["length"].to_numpy(), per_step)):
+            keys = order_keys(derived_seed(seed, "epoch", e), tasks, indices)
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            by_key = np.argsort(keys, kind="stable")  # the grouped position of a row, found by its epoch key
+            scale = 2**63 // max(len(order), 1)
+            positions.append((keys[by_key], rank[by_key] * scale))
 
     def keyed(e: int) -> Any:
         pass_seed = derived_seed(seed, "epoch", e)
 
         def add_keys(table: Any) -> Any:
             keys = order_keys(pass_seed, table["task"].to_numpy(zero_copy_only=False), table["index"].to_numpy())
+            if positions is not None:  # the grouped position, spread over the key range like the keys
+                sorted_keys, spread = positions[e]
+                keys = spread[np.searchsorted(sorted_keys, keys)]
             buckets = e * parts + np.minimum(keys // width, parts - 1)
             return (table.append_column(BUCKET_COLUMN, pa.array(buckets, type=pa.int64()))
                     .append_column(ORDER_COLUMN, pa.array(keys, type=pa.int64())))
@@ -137,20 +190,22 @@ def sorted_epochs(ds: Any, seed: Any, epochs: int, partitions: int = 2) -> Any:
             .drop_columns([BUCKET_COLUMN, ORDER_COLUMN]))
 
 
-def epoch_stream(ds: Any, seed: int, epochs: int, *, local: bool = False, partitions: int = 2) -> Any:
+def epoch_stream(ds: Any, seed: int, epochs: int, *, local: bool = False, partitions: int = 2,
+                 per_step: int = 0) -> Any:
     """`epochs` passes over `ds`, each in its own seeded random order, as one dataset. `local` (a small stage
     whose rows are already in the object store): the rows are read here once and each epoch is a permuted copy
-    (`Table.take`), without a Ray sort's tasks; else `sorted_epochs`. Both give the same order (the same keys)."""
+    (`Table.take`), without a Ray sort's tasks; else `sorted_epochs`. Both give the same order (the same keys).
+    `per_step` > 0: each run of that many rows (one optimizer step) is sorted by length (`length_grouped`)."""
     epochs = max(1, epochs)
     if not local:
-        return sorted_epochs(ds, seed, epochs, partitions)
+        return sorted_epochs(ds, seed, epochs, partitions, per_step)
     import pyarrow as pa
     import ray
 
     table = pa.concat_tables([ray.get(ref) for ref in ds.to_arrow_refs()])
     tasks, indices = table["task"].to_numpy(zero_copy_only=False), table["index"].to_numpy()
-    perms = [np.argsort(order_keys(derived_seed(seed, "epoch", e), tasks, indices), kind="stable")
-             for e in range(epochs)]
+    lengths = _row_lengths(table) if per_step > 0 else None
+    perms = epoch_orders(seed, tasks, indices, epochs, lengths, per_step)
     return ray.data.from_arrow([table.take(pa.array(p)) for p in perms])
 
 

@@ -20,6 +20,7 @@ class RunInfo:
     benchmark: str  # "synthetic" or "coin"
     data_hash: str  # content hash from the pipeline manifest
     method: str = ""  # the --methods name (coin_ray.methods.method_label): lora, moelora, olora, ewc+replay, ...
+    environment: dict[str, str] = field(default_factory=dict)  # coin_ray.environment.environment() of the workers
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class RunResult:
     metrics: dict[str, float]  # cl_metrics(matrix, zero_shot) (+ "gk_*" from the knowledge matrix)
     stages_reused: tuple[int, ...] = field(default=())  # indices of stages served by the stage store
     adapter_dir: str | None = None  # final stage checkpoint folder (adapter + trainable parts)
+    environment: dict[str, str] = field(default_factory=dict)  # where it ran (coin_ray.environment.environment)
 
 
 class RunHooks(Protocol):

@@ -14,6 +14,7 @@ from typing import Any
 
 from coin_ray import profiling
 from coin_ray.config import ExperimentConfig
+from coin_ray.environment import environment
 from coin_ray.evaluation.metrics import cl_metrics, mean_seen
 from coin_ray.methods import build_method
 from coin_ray.profiling import span
@@ -39,8 +40,9 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
     order, cfg = run.order, run.cfg
     from coin_ray.methods import method_label
 
+    run_env = environment(run.env.device, run.env.world)
     run.hooks.on_run_start(RunInfo(name=cfg.name, order=order, params=cfg.flatten(), benchmark=cfg.data.benchmark,
-                                   data_hash=run.data.data_hash, method=method_label(cfg)))
+                                   data_hash=run.data.data_hash, method=method_label(cfg), environment=run_env))
     finished = False
     try:
         with span("evaluation", stage=-1):
@@ -70,7 +72,8 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
             if k == len(prefixes) - 1:
                 # the run is closed (hooks, result.json) before its last stage is reported: a Tune scheduler
                 # may stop the trial the moment it sees that report (ASHA stops every trial reaching max_t)
-                result = tally.result(adapter_dir=str(stage.entry.checkpoint / ADAPTER_DIR))
+                result = dataclasses.replace(
+                    tally.result(adapter_dir=str(stage.entry.checkpoint / ADAPTER_DIR)), environment=run_env)
                 finish_run(run, result)
                 finished = True
             with span("reporting", stage=k):
@@ -91,7 +94,7 @@ def start_run(wc: WorkerConfig, env: WorkerEnv) -> WorkerRun:
     run_dir = storage / "runs" / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.model.seed)
-    model, processor = build_model(cfg, storage, env.device)
+    model, processor = build_model(cfg, storage, env.device, wc.data.model_source)
     model.to(env.device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -234,43 +234,8 @@ class StageStore:
         trial finished the stage while this one waited, that `StageEntry`. A claim whose owner died (same
         host, process gone) or stopped heartbeating for `stale_s` seconds is taken over, so a crash never
         blocks the stage forever."""
-        path = self.root / f".claim-{key}"
-        announced = False
-        waited = time.monotonic()
-
-        def waited_for(outcome: str) -> None:
-            if announced:
-                from coin_ray.phases import say
-
-                say(f"waiting for stage {key[:12]}: done in {time.monotonic() - waited:.1f} s ({outcome})")
-
-        while True:
-            entry = self.get(key)
-            if entry is not None:
-                waited_for("another trial stored it: reused")
-                return entry
-            token = uuid.uuid4().hex
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if _claim_is_stale(path, stale_s):
-                    try:  # only one of several waiters wins this rename; the others see the new claim
-                        os.replace(path, self.root / f".stale-claim-{key}-{token[:8]}")
-                    except OSError:
-                        pass
-                    continue
-                if not announced:
-                    from coin_ray.phases import say
-
-                    say(f"waiting for stage {key[:12]}: started (another trial is training it; checked every "
-                        f"{poll_s:g} s, taken over if its trainer stops for {stale_s:g} s)")
-                    announced = True
-                time.sleep(poll_s)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": token, "time": time.time()}, f)
-            waited_for("its trainer stopped: training it here")
-            return StageClaim(path, token, heartbeat_s=stale_s / 4)
+        return take_claim(self.root / f".claim-{key}", lambda: self.get(key), poll_s=poll_s, stale_s=stale_s,
+                          what=f"waiting for stage {key[:12]}", why="another trial is training it")
 
     def ensure_eval_dir(self, key: str, material: dict[str, Any]) -> Path:
         """An entry with no checkpoint (the zero-shot row of the base model): created if absent."""
@@ -382,6 +347,48 @@ class StageStore:
         if not dry_run:
             pruned = [p for p in pruned if self.delete(p.key)]
         return pruned
+
+
+def take_claim(path: Path, ready: Callable[[], T | None], *, what: str, poll_s: float = 0.5,
+               stale_s: float = 120.0, why: str = "another process holds it") -> "StageClaim | T":
+    """The exclusive right to produce something (a stage, an assembled model), or what `ready()` returns once
+    another process has produced it. `path` is the claim file, created exclusively and heartbeated; a claim
+    whose owner died (same host, process gone) or stopped heartbeating for `stale_s` seconds is taken over.
+    A wait is a phase (`coin_ray.phases`): "<what>: started (<why>; ...)" once it begins, "<what>: done in N s
+    (...)" when it ends, e.g. what="waiting for stage K", why="another trial is training it"."""
+    from coin_ray.phases import say
+
+    announced = False
+    waited = time.monotonic()
+
+    def waited_for(outcome: str) -> None:
+        if announced:
+            say(f"{what}: done in {time.monotonic() - waited:.1f} s ({outcome})")
+
+    while True:
+        done = ready()
+        if done is not None:
+            waited_for("the other process finished it: reused")
+            return done
+        token = uuid.uuid4().hex
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _claim_is_stale(path, stale_s):
+                try:  # only one of several waiters wins this rename; the others see the new claim
+                    os.replace(path, path.parent / f".stale-{path.name.lstrip('.')}-{token[:8]}")
+                except OSError:
+                    pass
+                continue
+            if not announced:
+                say(f"{what}: started ({why}; checked every {poll_s:g} s, taken over if it stops for {stale_s:g} s)")
+                announced = True
+            time.sleep(poll_s)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": token, "time": time.time()}, f)
+        waited_for("the other process stopped: taken over here")
+        return StageClaim(path, token, heartbeat_s=stale_s / 4)
 
 
 def _claim_is_stale(path: Path, stale_s: float) -> bool:

@@ -38,6 +38,19 @@ def optimizer_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Opti
     return norm
 
 
+def parameter_groups(model: torch.nn.Module, lr: float, projector_lr: float | None) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: the projector's trainable parameters at `projector_lr` (None: `lr`, one group),
+    every other trainable parameter at `lr` - LLaVA's mm_projector_lr. The cosine schedule scales both."""
+    from coin_ray.models.families import PROJECTOR_COMPONENTS
+
+    projector, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            in_projector = any(part in PROJECTOR_COMPONENTS for part in name.split("."))
+            (projector if in_projector and projector_lr is not None else rest).append(param)
+    return [g for g in ({"params": rest, "lr": lr}, {"params": projector, "lr": projector_lr}) if g["params"]]
+
+
 def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int, float]], dict[str, Any]]:
     """Train the stage ending `prefix`; returns (step, loss) pairs and the final optimizer/scheduler state
     (kept in the stage checkpoint)."""
@@ -55,7 +68,7 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
     # the worker world is scaling.num_workers (1 in-process), as the driver sized the epoch stream with
     batch_size, _, steps = stage_schedule(cfg, prefix, run.stage_rows[k])
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, t.lr, t.projector_lr), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(t.warmup_ratio * steps), steps)
     train_model = model
     if env.world > 1:

@@ -20,6 +20,9 @@ class PreparedData:
     instructions: str
     images: str
     train_datasets: Mapping[str, Any] = field(default_factory=dict)
+    # the model folder (or "tiny") every worker loads: model.source, or the model assembled from its parts under
+    # <storage_path>/models/<hash>/ ("" = model.source). Its path and files are part of data_hash.
+    model_source: str = ""
 
     @property
     def tasks(self) -> list[str]:

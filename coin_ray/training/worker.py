@@ -89,13 +89,28 @@ def quiet_not_applicable(verbose: bool) -> None:
     NotApplicable.install(not verbose)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (not the one at creation, which may be gone)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def progress(message: str) -> None:
     """One line of the run's progress (a stage's outcome, a wait, a judge problem) on stderr.
 
     Through `logging`, not print: a Ray Train worker's stdout reaches the driver twice, a log record once."""
     logger = logging.getLogger("coin_ray.progress")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[coin-ray] %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
