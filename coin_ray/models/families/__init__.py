@@ -117,9 +117,11 @@ def pad_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, int
 
 def _registry() -> dict[str, Family]:
     from coin_ray.models.families.llava import LLAVA
+    from coin_ray.models.families.qwen2_5_vl import QWEN2_5_VL
     from coin_ray.models.families.qwen2_vl import QWEN2_VL
+    from coin_ray.models.families.qwen3_vl import QWEN3_VL
 
-    return {f.name: f for f in (LLAVA, QWEN2_VL)}
+    return {f.name: f for f in (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL)}
 
 
 FAMILIES: dict[str, Family] = _registry()
