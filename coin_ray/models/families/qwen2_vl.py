@@ -152,7 +152,8 @@ class Qwen2VL(Family):
         return self.processor_class(image_processor=image_processor, tokenizer=tokenizer,
                                     chat_template=read_chat_template(folder, tokenizer))
 
-    def image_rows(self, out: Mapping[str, Any], n: int) -> dict[str, list[np.ndarray]]:
+    def image_rows(self, out: Mapping[str, Any], n: int, processor: Any = None
+                   ) -> dict[str, list[np.ndarray]]:
         grids = np.asarray(out["image_grid_thw"], dtype=np.int64).reshape(n, 3)
         pixels = np.asarray(out["pixel_values"], dtype=np.float32)
         ends = np.cumsum(grids.prod(axis=1))
@@ -172,15 +173,18 @@ class Qwen2VL(Family):
                       ) -> dict[str, Any]:
         import pyarrow as pa
 
-        def lists(values: Sequence[np.ndarray], dtype: Any, arrow_type: Any) -> Any:
-            flat = [np.asarray(v, dtype=dtype).reshape(-1) for v in values]
-            offsets = np.concatenate([[0], np.cumsum([len(v) for v in flat])]).astype(np.int32)
-            data = np.concatenate(flat) if flat else np.zeros(0, dtype)
-            return pa.ListArray.from_arrays(pa.array(offsets), pa.array(data, type=arrow_type))
+        return {"pixel_values": arrow_lists(columns["pixel_values"], np.float32, pa.float32()),
+                "image_grid_thw": arrow_lists(columns["image_grid_thw"], np.int32, pa.int32()),
+                "mm_token_type_ids": arrow_lists(columns["mm_token_type_ids"], np.int8, pa.int8())}
 
-        return {"pixel_values": lists(columns["pixel_values"], np.float32, pa.float32()),
-                "image_grid_thw": lists(columns["image_grid_thw"], np.int32, pa.int32()),
-                "mm_token_type_ids": lists(columns["mm_token_type_ids"], np.int8, pa.int8())}
 
+def arrow_lists(values: Sequence[np.ndarray], dtype: Any, arrow_type: Any) -> Any:
+    """Per-row arrays (any shape) -> one Arrow list<arrow_type> column of the flattened rows."""
+    import pyarrow as pa
+
+    flat = [np.asarray(v, dtype=dtype).reshape(-1) for v in values]
+    offsets = np.concatenate([[0], np.cumsum([len(v) for v in flat])]).astype(np.int32)
+    data = np.concatenate(flat) if flat else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(data, type=arrow_type))
 
 QWEN2_VL = Qwen2VL()
