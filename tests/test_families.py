@@ -174,6 +174,17 @@ def test_memory_estimate_of_qwen2_vl_7b():
     assert 0.2e9 < est.trainable_params < 0.5e9 and 30 < est.total_gib < 80
 
 
+@pytest.mark.parametrize("shape,base_b", [("qwen2.5-vl-7b", 8.29), ("qwen3-vl-8b", 8.77), ("internvl3-8b", 7.94),
+                                          ("llava-onevision-7b", 8.03)])
+def test_memory_shapes_of_the_newer_families_count_the_released_parameters(shape, base_b):
+    from coin_ray.models.memory import SHAPES, estimate_memory
+
+    est = estimate_memory(SHAPES[shape](), method="moelora", num_experts=8, rank=128, dtype="bf16",
+                          gradient_checkpointing=True, batch_size=8, seq_len=2048, world=8)
+    frozen = est.total_params - est.trainable_params  # the base model less its (trained) projector
+    assert abs(frozen / 1e9 - base_b) < 0.2 and 0.3e9 < est.trainable_params < 0.6e9 and 50 < est.total_gib < 80
+
+
 # ---- two-stage continual runs on each family (Ray Data serves the shards, MLflow records them) -----------------
 
 @pytest.mark.integration
