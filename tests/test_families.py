@@ -159,6 +159,8 @@ def test_adapters_only_on_the_language_models_linear_layers(family, method):
     projector = set(FAMILIES[family].projector_components)
     rest = [n for n in trainable if n not in adapters]  # the projector trains fully, as CoIN trains LLaVA's
     assert rest and all(projector & set(n.split(".")) for n in rest)
+    if family == "llava_onevision":
+        assert "model.image_newline" in rest  # trains with the projector, as in OneVision's own tuning
     frozen_vision = [p for n, p in model.named_parameters() if ("vision_tower" in n or ".visual." in n)
                      and not projector & set(n.split("."))]
     assert frozen_vision and not any(p.requires_grad for p in frozen_vision)
