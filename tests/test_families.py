@@ -1,10 +1,13 @@
-"""Backbone families: tiny LLaVA-1.5 and Qwen2-VL checkpoints built from config and saved in float16, their
-prompts and labels, variable image-token counts in storage, collation and batched generation, adapter
-targets, the memory shape, and a two-stage continual run (with resume and MLflow) on each."""
+"""Backbone families: tiny LLaVA-1.5, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL3 and LLaVA-OneVision checkpoints
+built from config and saved in float16, their prompts and labels, variable image-token counts in storage,
+collation and batched generation, adapter targets, the memory shapes, and a two-stage continual run (with
+resume and MLflow) on LLaVA, Qwen2-VL and LLaVA-OneVision (whose tiled images stand for the newer families'
+shared code path)."""
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +90,10 @@ def test_batched_generation_equals_per_row_and_training_rows_collate(folders, fa
                                                                       torch.tensor([len(r) for r in rows["input_ids"]])).all())
 
 
-def test_stored_rows_round_trip_through_parquet(folders, tmp_path):
-    """The family's Arrow columns (Qwen2-VL: variable-length list<float> patches + grid + token types) read back
-    into the same batch; LLaVA's stored columns stay TRAIN_COLUMNS / TEST_COLUMNS."""
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava"])
+def test_stored_rows_round_trip_through_parquet(folders, tmp_path, family):
+    """The family's Arrow columns (variable-length list<float> patches or tiles, with their grid or tile shape)
+    read back into the same batch; LLaVA's stored columns stay TRAIN_COLUMNS / TEST_COLUMNS."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -97,11 +101,11 @@ def test_stored_rows_round_trip_through_parquet(folders, tmp_path):
 
     assert stored_columns("tiny") == stored_columns(str(folders["llava"])) == {"train": TRAIN_COLUMNS,
                                                                               "test": TEST_COLUMNS}
-    assert stored_columns(str(folders["qwen2_vl"]))["train"] == TRAIN_COLUMNS + ["image_grid_thw", "mm_token_type_ids"]
-    family = FAMILIES["qwen2_vl"]
-    processor = build_processor(str(folders["qwen2_vl"]), prompt="checkpoint")
-    rows = encode_train_batch(processor, QUESTIONS, ANSWERS, _images(), 200)
-    columns = family.arrow_columns({c: rows[c] for c in ("pixel_values", *family.extra_columns)}, {})
+    spec = FAMILIES[family]
+    assert stored_columns(str(folders[family]))["train"] == TRAIN_COLUMNS + list(spec.extra_columns)
+    processor = build_processor(str(folders[family]), prompt="checkpoint")
+    rows = encode_train_batch(processor, QUESTIONS, ANSWERS, _images(), 400)
+    columns = spec.arrow_columns({c: rows[c] for c in ("pixel_values", *spec.extra_columns)}, {})
     table = pa.table({"input_ids": pa.array([r.tolist() for r in rows["input_ids"]]),
                       "labels": pa.array([r.tolist() for r in rows["labels"]]), **columns})
     pq.write_table(table, tmp_path / "rows.parquet")
@@ -111,6 +115,28 @@ def test_stored_rows_round_trip_through_parquet(folders, tmp_path):
     pad = processor.tokenizer.pad_token_id
     direct, stored = collate_train(rows, pad), collate_train(read, pad)
     assert direct.keys() == stored.keys() and all(torch.equal(direct[k], stored[k]) for k in direct)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "internvl", "llava_onevision"])
+def test_each_newer_family_labels_only_the_answer_and_its_image_tokens_follow_the_image(folders, family):
+    model, _ = load_vlm(folders[family])
+    assert type(model).__name__ == FAMILIES[family].architecture
+    processor = build_processor(str(folders[family]), prompt="checkpoint")
+    assert family_of(processor).name == family
+    enc = encode_train_batch(processor, QUESTIONS, ANSWERS, _images(), 400)
+    tok = processor.tokenizer
+    image_id = getattr(model.config, "image_token_id", None) or model.config.image_token_index
+    counts = []
+    for i, answer in enumerate(ANSWERS):
+        ids, labels = list(enc["input_ids"][i]), list(enc["labels"][i])
+        kept = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+        assert kept.strip() == f"{answer}<|im_end|>"  # the answer and the template's end of turn, nothing else
+        assert QUESTIONS[i] in tok.decode(ids) and image_id in ids
+        counts.append(ids.count(image_id))
+    assert len(set(counts)) > 1  # dynamic resolution or tiling: the image-token count follows the image
+    with torch.no_grad():
+        loss = model(**collate_train(enc, tok.pad_token_id)).loss
+    assert math.isfinite(float(loss))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -134,6 +160,8 @@ def test_adapters_only_on_the_language_models_linear_layers(family, method):
     projector = set(FAMILIES[family].projector_components)
     rest = [n for n in trainable if n not in adapters]  # the projector trains fully, as CoIN trains LLaVA's
     assert rest and all(projector & set(n.split(".")) for n in rest)
+    if family == "llava_onevision":
+        assert "model.image_newline" in rest  # trains with the projector, as in OneVision's own tuning
     frozen_vision = [p for n, p in model.named_parameters() if ("vision_tower" in n or ".visual." in n)
                      and not projector & set(n.split("."))]
     assert frozen_vision and not any(p.requires_grad for p in frozen_vision)
@@ -149,10 +177,25 @@ def test_memory_estimate_of_qwen2_vl_7b():
     assert 0.2e9 < est.trainable_params < 0.5e9 and 30 < est.total_gib < 80
 
 
+@pytest.mark.parametrize("shape,base_b", [("qwen2.5-vl-7b", 8.29), ("qwen3-vl-8b", 8.77), ("internvl3-8b", 7.94),
+                                          ("llava-onevision-7b", 8.03)])
+def test_memory_shapes_of_the_newer_families_count_the_released_parameters(shape, base_b):
+    from coin_ray.models.memory import SHAPES, estimate_memory
+
+    est = estimate_memory(SHAPES[shape](), method="moelora", num_experts=8, rank=128, dtype="bf16",
+                          gradient_checkpointing=True, batch_size=8, seq_len=2048, world=8)
+    frozen = est.total_params - est.trainable_params  # the base model less its (trained) projector
+    assert abs(frozen / 1e9 - base_b) < 0.2 and 0.3e9 < est.trainable_params < 0.6e9 and 50 < est.total_gib < 80
+
+
 # ---- two-stage continual runs on each family (Ray Data serves the shards, MLflow records them) -----------------
 
+# OneVision's tiles stand for the newer four; COIN_RAY_E2E_FAMILIES=all (or a comma list) runs others too
+E2E = os.environ.get("COIN_RAY_E2E_FAMILIES", "llava,qwen2_vl,llava_onevision")
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES) if E2E == "all" else E2E.split(","))
 def test_two_stage_continual_run_and_resume_on_each_family(ray_cluster, folders, tmp_path, family):
     import functools
 

@@ -83,7 +83,7 @@ def _encode_prompts(processor: Any, questions: Sequence[str], images: Sequence[I
     prompts = [build_prompt(q, processor) for q in questions]
     out = processor(text=prompts, images=prepared)
     ids = [list(map(int, row)) for row in out["input_ids"]]
-    columns = family.image_rows(out, len(ids))
+    columns = family.image_rows(out, len(ids), processor)
     for name in family.token_columns:
         columns[name] = [np.asarray(row, dtype=np.int8) for row in out[name]]
     return ids, columns

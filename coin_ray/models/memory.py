@@ -33,7 +33,8 @@ CONTEXT_GIB = 1.5
 FRAGMENTATION = 0.10
 
 __all__ = ["MemoryEstimate", "MemoryPreflightError", "SHAPES", "estimate_memory", "estimate_for_config",
-           "llava_1_5_7b_config", "qwen2_vl_7b_config", "check_memory"]
+           "llava_1_5_7b_config", "qwen2_vl_7b_config", "qwen2_5_vl_7b_config", "qwen3_vl_8b_config",
+           "internvl3_8b_config", "llava_onevision_7b_config", "check_memory"]
 
 
 class MemoryPreflightError(UserError):
@@ -89,8 +90,69 @@ def qwen2_vl_7b_config():
                          vision_start_token_id=151652, vision_end_token_id=151653)
 
 
+def qwen2_5_vl_7b_config():
+    """The architecture of Qwen2.5-VL-7B-Instruct (a 32-layer window-attention ViT with 2x2 patch merging; a
+    28-layer Qwen2.5-7B LM with grouped-query attention and M-RoPE), built from config."""
+    from transformers import Qwen2_5_VLConfig
+
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31])
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False)
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False)
+
+
+def qwen3_vl_8b_config():
+    """The architecture of Qwen3-VL-8B-Instruct (a 27-layer SigLIP-2-style ViT, 2x2 merging and three
+    DeepStack mergers; a 36-layer Qwen3-8B LM with interleaved M-RoPE), built from config."""
+    from transformers import Qwen3VLConfig
+
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24])
+    text = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                    "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+    return Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False)
+
+
+def internvl3_8b_config():
+    """The architecture of InternVL3-8B-hf (InternViT-300M at 448 px, pixel shuffle to 256 tokens per tile, an
+    MLP projector; a 28-layer Qwen2.5-7B LM), built from config."""
+    from transformers import InternVLConfig
+
+    vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                  image_size=[448, 448], patch_size=[14, 14])
+    text = dict(model_type="qwen2", vocab_size=151674, hidden_size=3584, intermediate_size=18944,
+                num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False)
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=151667, image_seq_length=256,
+                          downsample_ratio=0.5, tie_word_embeddings=False)
+
+
+def llava_onevision_7b_config():
+    """The architecture of llava-onevision-qwen2-7b-ov-hf (SigLIP-so400m at 384 px, 729 tokens per tile, an MLP
+    projector; a 28-layer Qwen2-7B LM), built from config."""
+    from transformers import LlavaOnevisionConfig
+
+    vision = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                  num_attention_heads=16, image_size=384, patch_size=14, vision_use_head=False)
+    text = dict(model_type="qwen2", vocab_size=152128, hidden_size=3584, intermediate_size=18944,
+                num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False)
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=151646,
+                                video_token_index=151647, vision_feature_select_strategy="full",
+                                vision_feature_layer=-1, tie_word_embeddings=False)
+
+
 # --shape: the built-in architectures
-SHAPES = {"llava-1.5-7b": llava_1_5_7b_config, "qwen2-vl-7b": qwen2_vl_7b_config}
+SHAPES = {"llava-1.5-7b": llava_1_5_7b_config, "qwen2-vl-7b": qwen2_vl_7b_config,
+          "qwen2.5-vl-7b": qwen2_5_vl_7b_config, "qwen3-vl-8b": qwen3_vl_8b_config,
+          "internvl3-8b": internvl3_8b_config, "llava-onevision-7b": llava_onevision_7b_config}
 
 
 def _meta_model(model_config: Any, method: str, *, num_experts: int, rank: int, target_modules: Any):

@@ -77,6 +77,10 @@ def apply_tuner(model: nn.Module, method: str, *, trainable_modules: Sequence[st
                 param.requires_grad_(True)
     for name in trainable_names:
         model.get_submodule(name).requires_grad_(True)
+    if trainable_modules is None:  # a projector part that is a bare parameter (LLaVA-OneVision's image_newline)
+        for name, param in model.named_parameters():
+            if name.split(".")[-1] in PROJECTOR_COMPONENTS:
+                param.requires_grad_(True)
 
     target = recorded_options.get("target_modules")
     if target is not None and not isinstance(target, str):

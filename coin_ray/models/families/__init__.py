@@ -75,8 +75,10 @@ class Family:
         """The image as the processor should see it (RGB)."""
         return image.convert("RGB")
 
-    def image_rows(self, out: Mapping[str, Any], n: int) -> dict[str, list[np.ndarray]]:
-        """The processor's image outputs for `n` one-image rows, split per row (column -> n arrays)."""
+    def image_rows(self, out: Mapping[str, Any], n: int, processor: Any = None
+                   ) -> dict[str, list[np.ndarray]]:
+        """The processor's image outputs for `n` one-image rows, split per row (column -> n arrays);
+        `processor`: the processor that made them."""
         raise NotImplementedError
 
     def collate_images(self, columns: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
@@ -116,10 +118,14 @@ def pad_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, int
 
 
 def _registry() -> dict[str, Family]:
+    from coin_ray.models.families.internvl import INTERNVL
     from coin_ray.models.families.llava import LLAVA
+    from coin_ray.models.families.llava_onevision import LLAVA_ONEVISION
+    from coin_ray.models.families.qwen2_5_vl import QWEN2_5_VL
     from coin_ray.models.families.qwen2_vl import QWEN2_VL
+    from coin_ray.models.families.qwen3_vl import QWEN3_VL
 
-    return {f.name: f for f in (LLAVA, QWEN2_VL)}
+    return {f.name: f for f in (LLAVA, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, INTERNVL, LLAVA_ONEVISION)}
 
 
 FAMILIES: dict[str, Family] = _registry()

@@ -41,7 +41,8 @@ class Llava(Family):
 
         return expand_to_square(image, image_background(processor))
 
-    def image_rows(self, out: Mapping[str, Any], n: int) -> dict[str, list[np.ndarray]]:
+    def image_rows(self, out: Mapping[str, Any], n: int, processor: Any = None
+                   ) -> dict[str, list[np.ndarray]]:
         return {"pixel_values": [np.asarray(p, dtype=np.float32) for p in out["pixel_values"]]}
 
     def collate_images(self, columns: Mapping[str, Sequence[Any]]) -> dict[str, torch.Tensor]:
