@@ -3,9 +3,10 @@
 Names are a contract (README, "MLflow names"): params `task_order`, `method`, `num_experts`, `rank`, `alpha`,
 `lr`, `seed`, `benchmark`, `data_hash` + the flattened config's result-changing fields (the others, such as
 `storage_path`, are tags `coin_ray.setting.<key>`); tag `coin_ray.run_key`; per-stage metrics `acc/<Task>`, `gk/<Task>`,
-`avg_seen_acc`, `avg_seen_gk`, `stage_seconds`, `stage_reused` (step = stage index), `train/loss`
-(step = global optimizer step), `zero_shot/<Task>`, `gk_zero_shot/<Task>`; final `mft`, `mfn`, `maa`, `bwt`,
-`forgetting`, `fwt`, `gk_*`, `stages_reused`; artifacts `eval_matrix.{json,csv,png}`,
+`avg_seen_acc`, `avg_seen_gk`, `stage_seconds`, `stage_reused`, the cost `stage/*` (step = stage index;
+coin_ray.training.accounting), `train/loss` (step = global optimizer step), `zero_shot/<Task>`,
+`gk_zero_shot/<Task>`; final `mft`, `mfn`, `maa`, `bwt`, `forgetting`, `fwt`, `gk_*`, `stages_reused`,
+`device_hours`, `device_hours_saved`; MLflow's `system/*` metrics unless `system_metrics` is off; artifacts `eval_matrix.{json,csv,png}`,
 `knowledge_matrix.{json,csv,png}`, `matrices.png`, `predictions/stage_<k>_<Task>.jsonl`, `adapter/`; tag
 `reused_stages`. Every param, tag and text artifact is masked by coin_ray.redact before it is queued.
 """
@@ -173,7 +174,7 @@ class MlflowTracker:
         if report.knowledge is not None:
             values.update({f"gk/{t}": v for t, v in report.knowledge.items()})
             values["avg_seen_gk"] = mean_seen(report.knowledge, seen)
-        values.update(stage_seconds=report.seconds, stage_reused=float(report.reused))
+        values.update(stage_seconds=report.seconds, stage_reused=float(report.reused), **report.cost)
         self._metrics(values, step=k)
         if report.train_losses:
             self._metrics_points([("train/loss", float(loss), int(step)) for step, loss in report.train_losses])
@@ -193,7 +194,8 @@ class MlflowTracker:
         from tracking.plots import figure_png, matrices_figure
 
         last = len(result.order) - 1
-        self._metrics({**result.metrics, "stages_reused": float(len(result.stages_reused))}, step=0)
+        self._metrics({**result.metrics, "stages_reused": float(len(result.stages_reused)),
+                       "device_hours": result.device_hours, "device_hours_saved": result.device_hours_saved}, step=0)
         self._tags({"reused_stages": ",".join(str(s) for s in result.stages_reused)})
         self._matrix_artifacts("eval_matrix", result.matrix, result.zero_shot, figure=True)
         if result.knowledge_matrix:

@@ -82,6 +82,7 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
     finished = [t for t in done if t.get("baseline") is None]
     tables, figures, summaries = {}, {}, []
     metrics = {"stages_trained": outcome.stages_trained, "stages_reused": outcome.stages_reused,
+               "device_hours": outcome.device_hours, "device_hours_saved": outcome.device_hours_saved,
                "trials_finished": len(done), "trials": len(outcome.trials), "trials_partial": int(partial.sum())}
     if joint and finished:
         gaps = joint_gaps(finished, joint, metric)
@@ -123,6 +124,7 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
     for text in summaries:
         print("\n" + text)
     print(f"\nstages trained: {outcome.stages_trained}, stages reused from the stage store: {outcome.stages_reused}")
+    print(outcome.cost_line())
     if spec.tracking and outcome.sweep_run_id:
         from tracking import close_sweep_run, experiment_runs_url, log_sweep_artifacts, sweep_compare_url
 

@@ -126,6 +126,12 @@ class SweepOutcome:
     stages_trained: int
     stages_reused: int
     storage: Path
+    device_hours: float = 0.0  # what the finished trials trained and evaluated cost
+    device_hours_saved: float = 0.0  # what their reused stages cost when they were trained
+
+    def cost_line(self) -> str:
+        return (f"device-hours: {self.device_hours:.2f} trained, {self.device_hours_saved:.2f} saved by the "
+                "stage store")
 
 
 def sweep_key(spec: SweepSpec, data_hash: str) -> str:
@@ -218,6 +224,7 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
             rr = load_run_result(tcfg, data_hash)
             row.update(matrix=rr.matrix, knowledge_matrix=rr.knowledge_matrix, metrics=rr.metrics,
                        stages_reused=len(rr.stages_reused), zero_shot=rr.zero_shot, partial=False,
+                       device_hours=rr.device_hours, device_hours_saved=rr.device_hours_saved,
                        stage_reached=row["n_stages"], last_reported={})
         except NoRunResult:  # stopped early (ASHA) or failed: no final metrics, only what Tune saw last
             last = {k: v for k, v in (res.metrics or {}).items() if isinstance(v, (int, float))}
@@ -234,7 +241,9 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
     stages_total = sum(1 if t["baseline"] == "joint" else len(t["order"]) for t in finished)
     reused = sum(t["stages_reused"] for t in finished)
     outcome = SweepOutcome(trials=trials, sweep_run_id=sweep_run_id, experiment_id=None,
-                           stages_trained=stages_total - reused, stages_reused=reused, storage=storage)
+                           stages_trained=stages_total - reused, stages_reused=reused, storage=storage,
+                           device_hours=sum(t["device_hours"] for t in finished),
+                           device_hours_saved=sum(t["device_hours_saved"] for t in finished))
     return outcome
 
 

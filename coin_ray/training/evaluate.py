@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ class EvalRow:
     scores: dict[str, float | None]
     knowledge: dict[str, float | None] | None  # None when no judge runs
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    answers: int = 0  # answers generated here (cells not in the store)
+    seconds: float = 0.0  # wall time of generating them
+    saved_seconds: float = 0.0  # what the cells read from the store took when they were computed
 
 
 def eval_cell_name(task: str, cfg: ExperimentConfig) -> str:
@@ -50,16 +54,22 @@ def evaluate_row(run: WorkerRun, entry_path: Path) -> EvalRow:
             cell = None  # stored by an older version with judge failures: judge again
         if cell is None:
             run.weights.ensure()
+            started = time.perf_counter()
             cell = evaluate_task(run.model, run.processor, task, run.data.splits[task]["test"],
                                  batch_size=cfg.eval.batch_size, device=env.device, rank=env.rank,
                                  world=env.world, max_rows=cfg.data.max_test_rows, subset_seed=cfg.data.seed,
                                  judge=run.judge,
                                  max_predictions=cfg.eval.max_predictions_logged,
                                  autocast_dtype=run.autocast_dtype)
+            cell["seconds"] = time.perf_counter() - started  # its cost, for the runs that reuse it
+            row.answers += int(cell.get("n", 0))
+            row.seconds += cell["seconds"]
             if env.rank == 0 and not judge_failed(cell):  # a failure is never cached: next run judges again
                 StageStore.write_eval(entry_path, cell_name, cell)
             if env.rank == 0 and cell.get("knowledge_error"):
                 progress(f"{cfg.name}: no knowledge score for {task}: {cell['knowledge_error']}")
+        else:
+            row.saved_seconds += float(cell.get("seconds", 0.0))
         row.scores[task] = cell["score"]
         if row.knowledge is not None:
             row.knowledge[task] = cell.get("knowledge")

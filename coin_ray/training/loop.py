@@ -16,6 +16,7 @@ from coin_ray import profiling
 from coin_ray.config import ExperimentConfig
 from coin_ray.evaluation.metrics import cl_metrics, mean_seen
 from coin_ray.methods import build_method
+from coin_ray.training.accounting import StageCost, device_kind, devices_of, peak_memory_gb, reset_peak_memory
 from coin_ray.profiling import span
 from coin_ray.training.build import build_model, resolved_precision
 from coin_ray.training.evaluate import EvalRow, evaluate_row
@@ -46,15 +47,21 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
         with span("evaluation", stage=-1):
             zero_shot = evaluate_zero_shot(run) if cfg.eval.zero_shot else None
         tally = Progress(order, zero_shot, judged=run.judge is not None, joint=cfg.train.joint)
+        if zero_shot is not None:  # the base model's row costs evaluation only
+            devices = devices_of(cfg)
+            tally.add_cost(StageCost(devices, device_kind(run.env.device), eval_seconds=zero_shot.seconds,
+                                     saved_device_hours=zero_shot.saved_seconds * devices / 3600))
         prefixes = stage_prefixes(cfg)
         for k, prefix in enumerate(prefixes):
             task = "joint" if cfg.train.joint else prefix[-1]
             started = time.time()
+            reset_peak_memory(run.env.device)
             with span("training", stage=k):
                 stage = obtain_stage(run, prefix)
             obtained_s = time.time() - started
             with span("evaluation", stage=k):
                 row = evaluate_row(run, stage.entry.path)
+            stage.cost.peak_memory_gb = max(stage.cost.peak_memory_gb, peak_memory_gb(run.env.device))
             tally.add(stage, row)
             if run.env.rank == 0:
                 progress(f"{cfg.name} stage {k} {task}: {'reused' if stage.reused else 'trained'} in "
@@ -66,7 +73,8 @@ def continual_worker(config: dict[str, Any], env: WorkerEnv | None = None) -> Ru
                 write_json_atomic(run.run_dir / "stages.json", tally.index)
             run.hooks.on_stage_end(StageReport(stage=k, task=task, scores=row.scores, knowledge=row.knowledge,
                                                train_losses=stage.losses, predictions=row.predictions,
-                                               reused=stage.reused, seconds=time.time() - started))
+                                               reused=stage.reused, seconds=time.time() - started,
+                                               cost=stage.cost.metrics()))
             if k == len(prefixes) - 1:
                 # the run is closed (hooks, result.json) before its last stage is reported: a Tune scheduler
                 # may stop the trial the moment it sees that report (ASHA stops every trial reaching max_t)
@@ -148,9 +156,19 @@ class Progress:
         self.reused: list[int] = []
         self.index: list[dict[str, Any]] = []  # stages.json
         self.last: EvalRow | None = None
+        self.device_hours = self.device_hours_saved = 0.0
+
+    def add_cost(self, cost: StageCost) -> None:
+        self.device_hours += cost.device_hours
+        self.device_hours_saved += cost.saved_device_hours
 
     def add(self, stage: Stage, row: EvalRow) -> None:
+        """Stage k's matrix row and its cost (the evaluation part completed here from `row`)."""
         k = len(self.matrix)
+        cost = stage.cost
+        cost.eval_answers, cost.eval_seconds = row.answers, row.seconds
+        cost.saved_device_hours += row.saved_seconds * cost.devices / 3600
+        self.add_cost(cost)
         self.matrix.append([row.scores[t] for t in self.order])
         if row.knowledge is not None:
             self.kmatrix.append([row.knowledge[t] for t in self.order])
@@ -188,7 +206,8 @@ class Progress:
         return RunResult(order=self.order, matrix=self.matrix, zero_shot=self.zero_shot,
                          knowledge_matrix=self.kmatrix if self.judged else None,
                          knowledge_zero_shot=self.knowledge_zero, metrics=self.running_metrics(),
-                         stages_reused=tuple(self.reused), adapter_dir=adapter_dir)
+                         stages_reused=tuple(self.reused), adapter_dir=adapter_dir,
+                         device_hours=self.device_hours, device_hours_saved=self.device_hours_saved)
 
 
 def final_metrics(matrix, zero_shot, kmatrix, kzero) -> dict[str, float]:
