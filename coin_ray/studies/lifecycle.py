@@ -4,6 +4,7 @@ MLflow UI)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import Any
@@ -50,6 +51,37 @@ def prepare(cfg: ExperimentConfig, args: argparse.Namespace) -> PreparedData:
     print(f"[coin-ray] data ready in {time.time() - started:.1f} s: {prepared.benchmark} benchmark, "
           f"{len(prepared.splits)} tasks, hash {prepared.data_hash[:12]}, at {prepared.processed}")
     return prepared
+
+
+def plan_or_budget(spec: SweepSpec, prepared: PreparedData, args: argparse.Namespace) -> None:
+    """`--plan`: print the sweep's plan (its last line one JSON object) and exit 0 (2 when over
+    `--budget-hours`); `--budget-hours`: refuse a sweep whose plan is over it or has no estimate. Before any
+    trial or MLflow run starts."""
+    if not args.plan and args.budget_hours is None:
+        return
+    from coin_ray.studies.plan import budget_problem, build_plan
+
+    with span("plan"):
+        plan = build_plan(spec.base, spec.param_space, spec.num_samples, prepared, throughput=args.throughput)
+    problem = budget_problem(plan, args.budget_hours) if args.budget_hours is not None else None
+    if args.plan:
+        print("\n".join(plan.lines(spec.name)))
+        if args.pilot:
+            print(pilot_report(spec, args, plan))
+        print(json.dumps(plan.summary()), flush=True)
+    if problem:
+        cli.fail(problem)
+    if args.plan:
+        raise SystemExit(0)
+    print(f"[coin-ray] budget: the plan estimates {plan.device_hours:.2f} of --budget-hours {args.budget_hours:g} "
+          f"device-hours ({len(plan.to_train)} stages to train)", flush=True)
+
+
+def pilot_report(spec: SweepSpec, args: argparse.Namespace, plan: Any) -> str:
+    """The seeds the order question needs, from the finished sweep `--pilot` names (see `studies.power`)."""
+    from coin_ray.studies.power import pilot_statement
+
+    return pilot_statement(spec, args.pilot, plan)
 
 
 @span("tracking")

@@ -89,12 +89,13 @@ def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: P
     cfg = trial_config(base, config, prepared.data_hash)
     key = run_key(cfg.name, cfg.flatten(), prepared.data_hash)
     hooks_factory = tracking.tracker(cfg.name, key) if tracking is not None else None
+    import ray.tune as tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     try:
         with span(TRIAL, trial=cfg.name):
             run_continual(cfg, hooks_factory=hooks_factory, prepared=prepared,
-                          train_callbacks=[TuneReportCallback()], verbose=verbose)
+                          train_callbacks=[TuneReportCallback()], verbose=verbose, report=tune.report)
     except BaseException:
         if tracking is not None:
             tracking.mark_failed(key)

@@ -40,6 +40,32 @@ def judge_failed(cell: dict[str, Any]) -> bool:
     return bool(cell.get("knowledge_error") or cell.get("knowledge_failures"))
 
 
+def stored_cell(entry_path: Path, task: str, cfg: ExperimentConfig, judged: bool) -> dict[str, Any] | None:
+    """The stored evaluation cell of `task` under the entry at `entry_path`, or None when it must be computed
+    (absent, or stored by an older version with judge failures: judged again)."""
+    cell = StageStore.read_eval(entry_path, eval_cell_name(task, cfg))
+    return None if cell is None or (judged and judge_failed(cell)) else cell
+
+
+def add_cell(row: EvalRow, task: str, cell: dict[str, Any]) -> None:
+    row.scores[task] = cell["score"]
+    if row.knowledge is not None:
+        row.knowledge[task] = cell.get("knowledge")
+    row.predictions += cell.get("predictions", [])
+
+
+def stored_row(entry_path: Path, cfg: ExperimentConfig, judged: bool) -> EvalRow | None:
+    """The evaluation row of the stage at `entry_path` when every task's cell is stored, else None."""
+    row = EvalRow(scores={}, knowledge={} if judged else None)
+    for task in cfg.order:
+        cell = stored_cell(entry_path, task, cfg, judged)
+        if cell is None:
+            return None
+        row.saved_seconds += float(cell.get("seconds", 0.0))
+        add_cell(row, task, cell)
+    return row
+
+
 def evaluate_row(run: WorkerRun, entry_path: Path) -> EvalRow:
     """Score every task of the order with the weights of the stage stored at `entry_path` (each rank scores a
     disjoint shard of the test rows; rank 0 holds the merged cell)."""
@@ -48,10 +74,7 @@ def evaluate_row(run: WorkerRun, entry_path: Path) -> EvalRow:
     cfg, env = run.cfg, run.env
     row = EvalRow(scores={}, knowledge={} if run.judge is not None else None)
     for task in run.order:
-        cell_name = eval_cell_name(task, cfg)
-        cell = StageStore.read_eval(entry_path, cell_name)
-        if cell is not None and run.judge is not None and judge_failed(cell):
-            cell = None  # stored by an older version with judge failures: judge again
+        cell = stored_cell(entry_path, task, cfg, run.judge is not None)
         if cell is None:
             run.weights.ensure()
             started = time.perf_counter()
@@ -65,14 +88,11 @@ def evaluate_row(run: WorkerRun, entry_path: Path) -> EvalRow:
             row.answers += int(cell.get("n", 0))
             row.seconds += cell["seconds"]
             if env.rank == 0 and not judge_failed(cell):  # a failure is never cached: next run judges again
-                StageStore.write_eval(entry_path, cell_name, cell)
+                StageStore.write_eval(entry_path, eval_cell_name(task, cfg), cell)
             if env.rank == 0 and cell.get("knowledge_error"):
                 progress(f"{cfg.name}: no knowledge score for {task}: {cell['knowledge_error']}")
         else:
             row.saved_seconds += float(cell.get("seconds", 0.0))
-        row.scores[task] = cell["score"]
-        if row.knowledge is not None:
-            row.knowledge[task] = cell.get("knowledge")
-        row.predictions += cell.get("predictions", [])
+        add_cell(row, task, cell)
     env.barrier()
     return row

@@ -90,6 +90,29 @@ def stage_material(cfg: ExperimentConfig, data_hash: str, prefix: tuple[str, ...
     return material
 
 
+def run_device(cfg: ExperimentConfig) -> torch.device:
+    """The device type a run's workers train on, as the driver sees it (for stage keys computed before the run)."""
+    return torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
+
+
+def stage_keys(cfg: ExperimentConfig, data_hash: str) -> list[tuple[tuple[str, ...], str]]:
+    """(prefix, stage-store key) of every stage of the run, as its workers will compute them: what the plan and
+    the fully-stored check look up in the store."""
+    device = run_device(cfg)
+    return [(prefix, stage_key(stage_material(cfg, data_hash, prefix, device))) for prefix in stage_prefixes(cfg)]
+
+
+def zero_shot_key(cfg: ExperimentConfig, data_hash: str) -> str:
+    """The store key under which the base model's evaluation cells (the zero-shot row) are kept."""
+    return stage_key(stage_material(cfg, data_hash, (), run_device(cfg)))
+
+
+def store_root(cfg: ExperimentConfig) -> Path:
+    """The stage store of a run: shared under the storage path, or the run's own with use_stage_cache off."""
+    storage = Path(cfg.storage_path).resolve()
+    return storage / "stage_store" if cfg.use_stage_cache else storage / "runs" / cfg.name / "stages"
+
+
 def adapter_weights_file(entry: StageEntry) -> Path:
     from coin_ray.tuners import TUNER_WEIGHTS_NAME
 
@@ -131,7 +154,7 @@ def obtain_stage(run: WorkerRun, prefix: tuple[str, ...]) -> Stage:
     if entry is not None:
         run.weights.select(entry)
         cost.saved_device_hours = stored_device_hours(entry.meta()) if env.rank == 0 else 0.0
-        return Stage(key, entry, _stored_losses(entry), reused=True, cost=cost)
+        return Stage(key, entry, stored_losses(entry), reused=True, cost=cost)
     try:
         run.weights.ensure()
         reset_peak_memory(env.device)
@@ -164,6 +187,6 @@ def _write_stage(run: WorkerRun, losses: list[tuple[int, float]], optim_state: d
                directory / "rng_state.pt")
 
 
-def _stored_losses(entry: StageEntry) -> list[tuple[int, float]]:
+def stored_losses(entry: StageEntry) -> list[tuple[int, float]]:
     path = entry.checkpoint / LOSSES_FILE
     return [tuple(x) for x in json.loads(path.read_text())] if path.is_file() else []
