@@ -137,7 +137,9 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
     if skip:
         summaries.append(skip)
     elif finished:
-        analysis = analyse_orders(finished, metric=metric)
+        slots = outcome.stages_trained + outcome.stages_reused  # what a stage costs, stored or not
+        analysis = analyse_orders(finished, metric=metric, hours_per_stage=(
+            (outcome.device_hours + outcome.device_hours_saved) / slots if slots else None))
         summaries.append(format_analysis(analysis, metric))
         tables.update({"per_order": analysis.per_order.set_index("order"),
                        "task_spread": analysis.task_spread.set_index("task"), "position": analysis.position})
@@ -146,8 +148,8 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
             tables["carry_over"] = analysis.carry_over
             figures["carry_over"] = table_heatmap(
                 analysis.carry_over, "drop of A (row) when B (col) is trained right after", cmap="Reds")
-        for key in ("eta_squared", "p_value", "F", "seed_std"):
-            if key in analysis.variance:
+        for key in ("eta_squared", "p_value", "F", "seed_std", "seeds_needed"):
+            if analysis.variance.get(key) is not None:
                 metrics[f"order_{key}"] = analysis.variance[key]
         methods = analyse_methods(finished, metric=metric)
         summaries.append(format_methods(methods, metric))
