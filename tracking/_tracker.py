@@ -105,7 +105,8 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
                  tags: Mapping[str, str] | None = None, log_models: bool = False, *,
                  max_predictions_per_task: int = 50, flush_timeout_s: float = 60.0,
-                 spool_dir: str | Path | None = None, run_key: str | None = None) -> None:
+                 spool_dir: str | Path | None = None, run_key: str | None = None,
+                 system_metrics: bool = False) -> None:
         if not run_name:
             raise ValueError("MlflowTracker needs a deterministic, non-empty run_name (e.g. the trial name)")
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
@@ -118,6 +119,8 @@ class MlflowTracker:
         self.flush_timeout_s = flush_timeout_s
         self.spool_dir = Path(spool_dir) if spool_dir else default_spool_dir()
         self.run_key = run_key
+        self.system_metrics = system_metrics
+        self._monitor: Any = None
         self.run_id: str | None = None
         self.reopened = False
         self.spooled_to: Path | None = None
@@ -159,6 +162,8 @@ class MlflowTracker:
             self._logged = call_with_retry(lambda: self._existing_points(run.data.metrics), "read metrics",
                                            deadline=deadline)
         self._outbox = Outbox(client, self.run_id, self.spool_dir)
+        if self.system_metrics:
+            self._monitor = start_system_metrics(self.run_id, self.tracking_uri, resume=self.reopened)
 
     def on_zero_shot(self, scores: dict[str, float | None], knowledge: dict[str, float | None] | None) -> None:
         self._zero_shot, self._knowledge_zero_shot = dict(scores), (dict(knowledge) if knowledge else None)
@@ -222,6 +227,9 @@ class MlflowTracker:
     def _finish(self, status: str) -> None:
         if self._outbox is None:  # on_run_start never succeeded: nothing was opened
             return
+        if self._monitor is not None:  # its last samples are logged before the run is closed
+            self._monitor.finish()
+            self._monitor = None
         self._put(Write("status", status=status))
         self.spooled_to = self._outbox.close(self.flush_timeout_s)
         self._outbox = None
@@ -274,6 +282,21 @@ class MlflowTracker:
             fig = matrix_figure(payload["tasks"], payload["matrix"], payload["zero_shot"],
                                 title=f"{title}: {self.run_name}")
             self._artifact(f"{name}.png", figure_png(fig))
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, resume: bool = False) -> Any:
+    """MLflow's system metrics monitor on `run_id` (system/cpu_utilization_percentage, system/gpu_*, ...: every
+    10 s, or MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL), or None where psutil is missing (GPU metrics also need
+    pynvml; MLflow leaves them out without it)."""
+    try:
+        import psutil  # noqa: F401 (MLflow's monitor needs it)
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        log.info("no system metrics on run %s: psutil is not installed", run_id)
+        return None
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
 
 
 def mark_run_failed(tracking_uri: str, experiment: str, run_key: str, parent_run_id: str | None = None,

@@ -78,10 +78,38 @@ def plan_or_budget(spec: SweepSpec, prepared: PreparedData, args: argparse.Names
 
 
 def pilot_report(spec: SweepSpec, args: argparse.Namespace, plan: Any) -> str:
-    """The seeds the order question needs, from the finished sweep `--pilot` names (see `studies.power`)."""
-    from coin_ray.studies.power import pilot_statement
+    """The seeds the order question needs at this plan's orders, from the finished sweep `--pilot` names (its
+    MLflow sweep run in this experiment; the name with or without its 6-digit key): the variance of its trials'
+    --metric between orders and between seeds (`studies.power`)."""
+    from mlflow import MlflowClient
 
-    return pilot_statement(spec, args.pilot, plan)
+    from coin_ray.studies.designs import distinct_prefixes
+    from coin_ray.studies.power import power_statement, variance_components
+    from tracking import resolve_tracking_uri
+
+    cfg, name, metric = spec.base, args.pilot, getattr(args, "metric", "mfn")
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=5000) if exp is not None else []
+    sweeps = [r for r in runs if "mlflow.parentRunId" not in r.data.tags
+              and (r.info.run_name == name or r.info.run_name.rsplit("-", 1)[0] == name)]
+    if not sweeps:
+        raise cli.UsageError(f"--pilot {name}: no sweep run of that name in MLflow experiment "
+                             f"{cfg.tracking.experiment!r}: pass the name a finished sweep printed (or --experiment)")
+    parent = sweeps[0].info.run_id
+    groups: dict[str, list[float]] = {}
+    for r in runs:
+        if r.data.tags.get("mlflow.parentRunId") == parent and metric in r.data.metrics:
+            groups.setdefault(r.data.params.get("task_order", ""), []).append(r.data.metrics[metric])
+    components = variance_components(list(groups.values()))
+    if components is None:
+        return (f"pilot {name}: {sum(map(len, groups.values()))} finished trials over {len(groups)} orders; sizing "
+                "the seeds needs 2 orders and a second seed of one")
+    hours = plan.device_hours
+    return f"pilot {name}: " + power_statement(
+        components, metric, orders=len(plan.orders) or None,
+        stages_per_seed=distinct_prefixes(plan.orders) if plan.orders else None,
+        hours_per_stage=hours / len(plan.to_train) if hours is not None and plan.to_train else None)
 
 
 @span("tracking")

@@ -47,6 +47,7 @@ class StudyPlan:
     throughput_source: str = ""
     memory: str | None = None
     sampled: bool = False  # trials drawn from a search space: the search may pick others
+    orders: list[tuple[str, ...]] = field(default_factory=list)  # the distinct task orders of the trials
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -154,7 +155,7 @@ def build_plan(base: ExperimentConfig, param_space: dict[str, Any], num_samples:
     """The plan of a sweep of `param_space` over `base` (see the module docstring)."""
     from coin_ray.studies.runner import trial_config
     from coin_ray.training.continual import stage_parts, stage_schedule
-    from coin_ray.training.evaluate import eval_cell_name
+    from coin_ray.training.evaluate import stored_cell
     from coin_ray.training.stages import run_device, stage_material, stage_prefixes, store_root, zero_shot_key
     from coin_ray.training.store import StageStore, stage_key
 
@@ -174,7 +175,7 @@ def build_plan(base: ExperimentConfig, param_space: dict[str, Any], num_samples:
         """Answers an evaluation row generates: the test rows of every task whose cell is not stored."""
         total = 0
         for task in cfg.order:
-            if entry is not None and StageStore.read_eval(entry, eval_cell_name(task, cfg)) is not None:
+            if entry is not None and stored_cell(entry, task, cfg, cfg.eval.judge != "none") is not None:
                 continue
             n = prepared.rows[task]["test"]
             total += n if cfg.data.max_test_rows is None else min(n, cfg.data.max_test_rows)
@@ -209,7 +210,8 @@ def build_plan(base: ExperimentConfig, param_space: dict[str, Any], num_samples:
     plan = StudyPlan(trials=len(configs), slots=slots, stages=list(stages.values()),
                      zero_shot_answers=sum(a for _, a in zero_shot.values()),
                      zero_shot_devices=max([d for d, _ in zero_shot.values()], default=1.0),
-                     sampled=is_sampled(param_space))
+                     sampled=is_sampled(param_space),
+                     orders=list(dict.fromkeys(tuple(c.order) for c in configs if not c.train.joint)))
     wanted = {s.comparable for s in plan.stages}
     measured = measured_throughput([s for s in stores.values() if s is not None], wanted)
     if throughput is not None:

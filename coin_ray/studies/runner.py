@@ -62,6 +62,7 @@ class TrialTracking:
     parent_run_id: str
     sweep: str
     spool_dir: str
+    system_metrics: bool = True  # MLflow's system/* metrics on each trial run (tracking.system_metrics)
 
     def tracker(self, name: str, run_key: str) -> Any:
         """A factory of the trial's MlflowTracker (built on the worker that runs the trial's rank 0)."""
@@ -69,7 +70,7 @@ class TrialTracking:
 
         return functools.partial(MlflowTracker, self.tracking_uri, self.experiment, name,
                                  parent_run_id=self.parent_run_id, tags={"coin_ray.sweep": self.sweep},
-                                 run_key=run_key, spool_dir=self.spool_dir)
+                                 run_key=run_key, spool_dir=self.spool_dir, system_metrics=self.system_metrics)
 
     def mark_failed(self, run_key: str, status: str = "FAILED") -> None:
         from tracking import mark_run_failed
@@ -179,7 +180,8 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
                                           params=spec.sweep_params, tags={"coin_ray.sweep": spec.name}, run_key=key)
         tracking = TrialTracking(cfg.tracking.tracking_uri, cfg.tracking.experiment, sweep_run_id, spec.name,
                                  # undelivered MLflow writes stay beside the results (shared storage on a cluster)
-                                 spool_dir=str(storage / "mlflow_spool"))
+                                 spool_dir=str(storage / "mlflow_spool"),
+                                 system_metrics=cfg.tracking.system_metrics)
     from coin_ray.training.continual import with_train_datasets
 
     with span("data loading"):
