@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from coin_ray.studies.designs import distinct_prefixes
 from coin_ray.studies.power import power_statement, seeds_needed, variance_components
 
 
@@ -80,8 +81,6 @@ def analyse_orders(trials: Sequence[dict[str, Any]], metric: str = "mfn", alpha:
     if not trials:
         raise ValueError("no finished trials to analyse")
     trials = distinct_runs(trials)
-    from coin_ray.studies.designs import distinct_prefixes
-
     per_seed = distinct_prefixes(list(dict.fromkeys(tuple(t["order"]) for t in trials)))
     rows = [{**configuration(t), "seed": t.get("seed", 0), "value": t["metrics"].get(metric)} for t in trials]
     df = pd.DataFrame(rows).dropna(subset=["value"])

@@ -14,7 +14,12 @@ from typing import Any, Sequence
 
 from coin_ray._files import read_json
 from coin_ray.config import ExperimentConfig
+from coin_ray.studies.runner import trial_config
 from coin_ray.training.accounting import ACCOUNTING_KEY, devices_of
+from coin_ray.training.continual import stage_parts, stage_schedule
+from coin_ray.training.evaluate import stored_cell
+from coin_ray.training.stages import run_device, stage_material, stage_prefixes, store_root, zero_shot_key
+from coin_ray.training.store import StageStore, stage_key
 from coin_ray.training.types import PreparedData
 
 PLAN_KEYS = ("trials", "stages", "to_train", "in_store", "train_tokens", "eval_answers", "device_hours")
@@ -153,12 +158,6 @@ def task_tokens(prepared: PreparedData, task: str) -> float:
 def build_plan(base: ExperimentConfig, param_space: dict[str, Any], num_samples: int, prepared: PreparedData,
                *, throughput: float | None = None) -> StudyPlan:
     """The plan of a sweep of `param_space` over `base` (see the module docstring)."""
-    from coin_ray.studies.runner import trial_config
-    from coin_ray.training.continual import stage_parts, stage_schedule
-    from coin_ray.training.evaluate import stored_cell
-    from coin_ray.training.stages import run_device, stage_material, stage_prefixes, store_root, zero_shot_key
-    from coin_ray.training.store import StageStore, stage_key
-
     configs = [trial_config(base.to_dict(), c, prepared.data_hash) for c in expand_space(param_space, num_samples)]
     tokens_of: dict[str, float] = {}
     stages: dict[str, PlannedStage] = {}
