@@ -6,7 +6,6 @@ and store lookups a sweep computes to decide what to train."""
 from __future__ import annotations
 
 import itertools
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,11 +133,9 @@ def is_sampled(param_space: dict[str, Any]) -> bool:
     return any(hasattr(v, "sample") for v in param_space.values())
 
 
-def comparable_key(cfg: ExperimentConfig, material: dict[str, Any]) -> tuple:
+def comparable_key(material: dict[str, Any], device_type: str) -> tuple:
     """Stages whose measured throughput predicts each other's: same model, tuner, method, device type."""
-    method = {k: v for k, v in material.items() if k.startswith("cl.")}
-    return (material.get("model.source"), material.get("tuner.method"), json.dumps(method, sort_keys=True),
-            "cuda" if cfg.scaling.use_gpu else "cpu")
+    return material.get("model.source"), material.get("tuner.method"), material.get("cl.method"), device_type
 
 
 def task_tokens(prepared: PreparedData, task: str) -> float:
@@ -201,7 +198,7 @@ def build_plan(base: ExperimentConfig, param_space: dict[str, Any], num_samples:
             examples = steps * per_step
             stages[key] = PlannedStage(key, prefix, 1, entry is not None, examples, round(examples * mean_tokens),
                                        answers(cfg, entry.path if entry else None), devices_of(cfg),
-                                       comparable_key(cfg, material))
+                                       comparable_key(material, run_device(cfg).type))
         if cfg.eval.zero_shot:
             zkey = zero_shot_key(cfg, prepared.data_hash)
             path = store.root / zkey if store is not None and (store.root / zkey / "meta.json").is_file() else None
@@ -238,9 +235,7 @@ def measured_throughput(stores: Sequence[Any], wanted: set[tuple]) -> tuple[floa
             accounting = meta.get(ACCOUNTING_KEY) or {}
             material = meta.get("material") or {}
             kind = "cpu" if accounting.get("device_kind") == "cpu" else "cuda"
-            probe = (material.get("model.source"), material.get("tuner.method"),
-                     json.dumps({k: v for k, v in material.items() if k.startswith("cl.")}, sort_keys=True), kind)
-            if probe not in wanted or not accounting.get("train_tokens_per_s"):
+            if comparable_key(material, kind) not in wanted or not accounting.get("train_tokens_per_s"):
                 continue
             rates.append(float(accounting["train_tokens_per_s"]))
             for cell_path in (store.root / key / "eval").glob("*.json"):
