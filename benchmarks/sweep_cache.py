@@ -5,11 +5,19 @@ All orders of N tasks (default 4: 24 orders, 96 stages, 64 distinct prefixes) th
 prints stages trained and wall time of each, then a JSON line with the ratios.
 
     python benchmarks/sweep_cache.py [--tasks 4] [--steps 10]      # --smoke-test: 3 tasks, 3 steps
+
+With --rerun: the smoke preset through sweeps/task_order.py (its own Ray, MLflow sqlite), then the same sweep on
+the same storage in a new MLflow experiment (every stage and evaluation cell in the store: no trial starts a
+Train worker), side by side, and a JSON line with the rerun's share of the first run's wall time.
+
+    python benchmarks/sweep_cache.py --rerun [-- extra task_order.py flags]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +32,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--max-concurrent-trials", type=int, help="trials at once (default: as the sweep CLI: all CPUs)")
     p.add_argument("--smoke-test", action="store_true")
+    p.add_argument("--rerun", action="store_true", help="the smoke preset's first run and its fully cached rerun")
+    p.add_argument("extra", nargs="*", help="with --rerun: more task_order.py flags (after --)")
     args = p.parse_args()
+    if args.rerun:
+        return rerun(args.extra)
     if args.smoke_test:
         args.tasks, args.steps = 3, 3
 
@@ -65,6 +77,27 @@ def main() -> None:
                       "distinct_prefixes": distinct_prefixes(orders), **results,
                       "stages_ratio": round(results["cached"]["stages_trained"] / results["uncached"]["stages_trained"], 3),
                       "time_ratio": round(results["cached"]["wall_s"] / results["uncached"]["wall_s"], 3)}))
+
+
+def rerun(extra: list[str]) -> None:
+    """The smoke preset's first run and its rerun in a new experiment on the same storage, side by side."""
+    root = Path(tempfile.mkdtemp(prefix="coin-ray-rerun-bench-"))
+    script = Path(__file__).resolve().parent.parent / "sweeps" / "task_order.py"
+    results = {}
+    for label in ("first", "rerun"):
+        cmd = [sys.executable, str(script), "--smoke-test", "--storage-path", str(root / "runs"),
+               "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--experiment", f"bench-{label}", *extra]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if proc.returncode != 0:
+            sys.exit(f"{label} run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        trained = re.search(r"stages trained: (\d+), stages reused from the stage store: (\d+)", proc.stdout)
+        hours = re.search(r"^device-hours: .*$", proc.stdout, re.M)
+        results[label] = {"wall_s": round(seconds, 1), "stages_trained": int(trained[1]),
+                          "stages_reused": int(trained[2]), "cost": hours[0] if hours else None}
+        print(f"{label:>6}: {results[label]}", flush=True)
+    print(json.dumps({**results, "rerun_share": round(results["rerun"]["wall_s"] / results["first"]["wall_s"], 3)}))
 
 
 if __name__ == "__main__":

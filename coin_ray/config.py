@@ -430,6 +430,7 @@ class ScalingConfig:
 class TrackingConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "coin-ray"
+    system_metrics: bool = True  # MLflow's system/* metrics (CPU, GPU, memory over time) on trial runs (needs psutil)
 
     def problems(self) -> list[str]:
         p = [] if self.experiment else ["tracking.experiment must not be empty"]

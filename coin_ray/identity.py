@@ -24,7 +24,7 @@ NON_RESULT_FIELDS = frozenset({
     "data.materialize_below_mb",  # object store or streamed: same rows, same order
     "eval.max_predictions_logged",
     "scaling.cpus_per_worker", "scaling.gpus_per_worker", "scaling.max_failures",
-    "tracking.tracking_uri", "tracking.experiment",
+    "tracking.tracking_uri", "tracking.experiment", "tracking.system_metrics",
 })
 
 

@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     from ray.tune.search.optuna import OptunaSearch
 
     from coin_ray.studies import space as keys
-    from coin_ray.studies.lifecycle import finish_sweep, preflight, prepare
+    from coin_ray.studies.lifecycle import finish_sweep, plan_or_budget, preflight, prepare
     from coin_ray.studies.runner import SweepSpec, run_sweep
 
     space: dict = {keys.hp("tuner.num_experts"): tune.choice(experts), keys.hp("tuner.rank"): tune.choice(ranks)}
@@ -114,6 +114,7 @@ def main(argv=None) -> None:
                                    # only when given, so the sweeps of the default space keep their names
                                    **{k: v for k, v in (("alphas", args.alphas), ("lr", args.lr)) if v},
                                    **({"search_order": True} if args.search_order else {})})
+    plan_or_budget(spec, prepared, args)
     outcome = run_sweep(spec, prepared)
     finish_sweep(spec, outcome, metric=args.metric, design="hparams", pareto=args.multi_objective)
 

@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     import ray.tune as tune
 
     from coin_ray.studies import space
-    from coin_ray.studies.lifecycle import finish_sweep, preflight, prepare
+    from coin_ray.studies.lifecycle import finish_sweep, plan_or_budget, preflight, prepare
     from coin_ray.studies.runner import SweepSpec, run_sweep
 
     if kind == "optuna":
@@ -141,6 +141,7 @@ def main(argv=None) -> None:
                                    **({"baselines": ",".join(args.baselines)} if args.baselines else {}),
                                    **{k: v for k, v in cfg.flatten().items() if k != "order"}},
                      **spec_kwargs)
+    plan_or_budget(spec, prepared, args)
     outcome = run_sweep(spec, prepared)
     finish_sweep(spec, outcome, metric=args.metric, design=kind)
 

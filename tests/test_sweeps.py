@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +18,30 @@ TINY = ["--set", "train.max_steps=8", "--set", "model.pretrain_steps=0", "--set"
         "--set", "data.test_rows=8", "--set", "eval.batch_size=8"]
 
 
-def _run(script: str, *args: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, cwd: Path, timeout: int = 900, env: dict | None = None
+         ) -> subprocess.CompletedProcess:
+    import os
+
     proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
     return proc
+
+
+def _plan_json(proc: subprocess.CompletedProcess) -> dict:
+    """The plan's last stdout line: one JSON object with the plan's keys."""
+    from coin_ray.studies.plan import PLAN_KEYS
+
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert tuple(last) == PLAN_KEYS, last
+    return last
+
+
+def _runs_in(uri: str, experiment: str) -> int:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return 0 if exp is None else len(client.search_runs([exp.experiment_id]))
 
 
 @pytest.mark.slow
@@ -27,10 +49,24 @@ def test_task_order_smoke_sweep_cache_and_mlflow(tmp_path):
     from mlflow import MlflowClient
 
     from coin_ray.evaluation import cl_metrics
+    from coin_ray.training.accounting import STAGE_METRICS
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--smoke-test", "--storage-path", str(tmp_path / "runs"), "--tracking-uri", uri,
               "--experiment", "smoke", *TINY]
+    # the plan: 6 orders of 3 tasks share their first stages; no trial starts, no MLflow run is written
+    plan = _run("task_order.py", *common, "--plan", cwd=tmp_path)
+    assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    assert _plan_json(plan) == {"trials": 6, "stages": 18, "to_train": 15, "in_store": 0,
+                                "train_tokens": _plan_json(plan)["train_tokens"], "eval_answers": 360,
+                                "device_hours": None}
+    assert _plan_json(plan)["train_tokens"] > 15 * 128
+    assert not (tmp_path / "runs" / "tune").exists() and _runs_in(uri, "smoke") == 0
+    # a budget without any throughput to estimate it by is refused, with the way out
+    budget = _run("task_order.py", *common, "--budget-hours", "100", cwd=tmp_path)
+    assert budget.returncode == 2 and "--throughput" in budget.stderr, budget.stderr[-3000:]
+    assert not (tmp_path / "runs" / "tune").exists() and _runs_in(uri, "smoke") == 0
+
     first = _run("task_order.py", *common, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "stages trained: 15, stages reused from the stage store: 3" in first.stdout
@@ -43,21 +79,61 @@ def test_task_order_smoke_sweep_cache_and_mlflow(tmp_path):
                  "tensorboard --logdir"):
         assert line not in first.stdout + first.stderr, line
 
-    second = _run("task_order.py", *common, cwd=tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "stages trained: 0, stages reused from the stage store: 18" in second.stdout
-
+    # the 3 stages shared by prefix are trained once and reused by the other order: saved, within the sweep
+    cost = re.search(r"^device-hours: (\d+\.\d\d) trained, (\d+\.\d\d) saved by the stage store$", first.stdout, re.M)
+    assert cost and float(cost[1]) > 0, first.stdout[-2000:]
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("smoke")
+    for run in client.search_runs([exp.experiment_id], "tags.mlflow.parentRunId != ''"):
+        assert run.data.metrics["device_hours"] > 0
+        for name in STAGE_METRICS:  # step = stage index; every trial trains at least its last stage
+            history = client.get_metric_history(run.info.run_id, name)
+            assert sorted(m.step for m in history) == [0, 1, 2], name
+            assert next(m.value for m in history if m.step == 2) > 0, name
+    first_matrices = {p.parent.name: json.loads(p.read_text())["matrix"]
+                      for p in (tmp_path / "runs" / "runs").glob("*/result.json")}
+
+    # a store that holds part of the study: the plan's to_train is what the run then trains
+    store = tmp_path / "runs" / "stage_store"
+    leaves = sorted(p for p in store.iterdir() if not p.name.startswith(".")
+                    and len(json.loads((p / "meta.json").read_text())["material"]["prefix"]) == 3)[:2]
+    partial_orders = {">".join(json.loads((p / "meta.json").read_text())["material"]["prefix"]) for p in leaves}
+    for p in leaves:
+        shutil.rmtree(p)
+    # ... and a budget far below the estimate (from the stages the first run measured) is refused
+    plan = _run("task_order.py", *common, "--plan", "--budget-hours", "1e-9", cwd=tmp_path)
+    assert plan.returncode == 2 and "estimates" in plan.stderr, plan.stdout[-3000:] + plan.stderr[-3000:]
+    partial = _plan_json(plan)
+    assert partial["to_train"] == 2 and partial["in_store"] == 13 and partial["device_hours"] > 0
+
+    profile = tmp_path / "profile.jsonl"
+    second = _run("task_order.py", *common, cwd=tmp_path, env={"COIN_RAY_PROFILE": str(profile)})
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "stages trained: 2, stages reused from the stage store: 16" in second.stdout
+    assert re.search(r"^device-hours: \d+\.\d\d trained, \d+\.\d\d saved by the stage store$", second.stdout, re.M)
+    # a fully stored trial starts no Train worker group: only the two trials that lost a stage build a model
+    spans = [json.loads(line) for line in profile.read_text().splitlines()]
+    trials = {s["trial"] for s in spans if s["phase"] == "trial"}
+    built = {s["trial"] for s in spans if s["phase"] == "trial start-up"}
+    assert len(trials) == 6 and {t.split("-s0")[0] for t in built} == partial_orders, (trials, built)
+    # ... and logs the same matrices as the run that trained them
+    assert {p.parent.name: json.loads(p.read_text())["matrix"]
+            for p in (tmp_path / "runs" / "runs").glob("*/result.json")} == first_matrices
+    after = _run("task_order.py", *common, "--plan", cwd=tmp_path)
+    assert after.returncode == 0 and _plan_json(after)["to_train"] == 0, after.stderr[-3000:]
+
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 6, "a rerun must reopen runs, not duplicate them"
     sweep = parents[0]
-    assert sweep.data.metrics["stages_reused"] == 18 and sweep.data.metrics["stages_trained"] == 0
+    assert sweep.data.metrics["stages_reused"] == 16 and sweep.data.metrics["stages_trained"] == 2
+    assert sweep.data.metrics["device_hours"] > 0 and sweep.data.metrics["device_hours_saved"] > 0
     orders = sorted(r.data.params["task_order"] for r in children)
     assert len(set(orders)) == 6 and all(o.count(">") == 2 for o in orders)
-    child = children[0]
+    child = next(c for c in children if c.data.params["task_order"] not in partial_orders)  # from the store
+    path = client.download_artifacts(child.info.run_id, "eval_matrix.json", str(tmp_path / "from-store"))
+    assert json.loads(Path(path).read_text())["matrix"] == first_matrices[child.info.run_name]
     assert child.data.tags["mlflow.parentRunId"] == sweep.info.run_id
     # where the results came from: the trials' environment on every trial run and on the sweep run
     env = {k: v for k, v in child.data.tags.items() if k.startswith("coin_ray.env.")}

@@ -531,3 +531,29 @@ def test_a_trial_end_against_a_hanging_server_spools_within_its_flush_timeout(tm
     assert elapsed < 8, elapsed
     assert folder == tmp_path / "spool" / "0123456789abcdef"
     assert len((folder / "writes.jsonl").read_text().splitlines()) == 3
+
+
+def test_trial_run_records_cost_and_system_metrics_unless_turned_off(store, client, monkeypatch):
+    """stage/* at step = stage index, the trial's device_hours and device_hours_saved, and MLflow's system/*
+    metrics sampled while the run is open; tracking.system_metrics false records none."""
+    from dataclasses import replace
+
+    from coin_ray.training.accounting import STAGE_METRICS
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    ids = {}
+    for on in (True, False):
+        tracker = tracker_for(store, "system", f"sys-{on}", system_metrics=on)
+        tracker.on_run_start(run_info(f"sys-{on}"))
+        for k in range(3):
+            cost = {name: float(k + 1) for name in STAGE_METRICS}
+            tracker.on_stage_end(replace(stage_report(k), cost=cost))
+            time.sleep(0.4 if on else 0)
+        tracker.on_run_end(replace(run_result(), device_hours=0.25, device_hours_saved=0.5))
+        ids[on] = tracker.run_id
+    for name in STAGE_METRICS:
+        assert history(client, ids[True], name) == [(0, 1.0), (1, 2.0), (2, 3.0)]
+    metrics = client.get_run(ids[True]).data.metrics
+    assert (metrics["device_hours"], metrics["device_hours_saved"]) == (0.25, 0.5)
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    assert not [k for k in client.get_run(ids[False]).data.metrics if k.startswith("system/")]

@@ -3,9 +3,10 @@
 Names are a contract (README, "MLflow names"): params `task_order`, `method`, `num_experts`, `rank`, `alpha`,
 `lr`, `seed`, `benchmark`, `data_hash` + the flattened config's result-changing fields (the others, such as
 `storage_path`, are tags `coin_ray.setting.<key>`); tag `coin_ray.run_key`; per-stage metrics `acc/<Task>`, `gk/<Task>`,
-`avg_seen_acc`, `avg_seen_gk`, `stage_seconds`, `stage_reused` (step = stage index), `train/loss`
-(step = global optimizer step), `zero_shot/<Task>`, `gk_zero_shot/<Task>`; final `mft`, `mfn`, `maa`, `bwt`,
-`forgetting`, `fwt`, `gk_*`, `stages_reused`; artifacts `eval_matrix.{json,csv,png}`,
+`avg_seen_acc`, `avg_seen_gk`, `stage_seconds`, `stage_reused`, the cost `stage/*` (step = stage index;
+coin_ray.training.accounting), `train/loss` (step = global optimizer step), `zero_shot/<Task>`,
+`gk_zero_shot/<Task>`; final `mft`, `mfn`, `maa`, `bwt`, `forgetting`, `fwt`, `gk_*`, `stages_reused`,
+`device_hours`, `device_hours_saved`; MLflow's `system/*` metrics unless `system_metrics` is off; artifacts `eval_matrix.{json,csv,png}`,
 `knowledge_matrix.{json,csv,png}`, `matrices.png`, `predictions/stage_<k>_<Task>.jsonl`, `adapter/`; tag
 `reused_stages`. Every param, tag and text artifact is masked by coin_ray.redact before it is queued.
 """
@@ -105,7 +106,8 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
                  tags: Mapping[str, str] | None = None, log_models: bool = False, *,
                  max_predictions_per_task: int = 50, flush_timeout_s: float = 60.0,
-                 spool_dir: str | Path | None = None, run_key: str | None = None) -> None:
+                 spool_dir: str | Path | None = None, run_key: str | None = None,
+                 system_metrics: bool = False) -> None:
         if not run_name:
             raise ValueError("MlflowTracker needs a deterministic, non-empty run_name (e.g. the trial name)")
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
@@ -118,6 +120,8 @@ class MlflowTracker:
         self.flush_timeout_s = flush_timeout_s
         self.spool_dir = Path(spool_dir) if spool_dir else default_spool_dir()
         self.run_key = run_key
+        self.system_metrics = system_metrics
+        self._monitor: Any = None
         self.run_id: str | None = None
         self.reopened = False
         self.spooled_to: Path | None = None
@@ -159,6 +163,8 @@ class MlflowTracker:
             self._logged = call_with_retry(lambda: self._existing_points(run.data.metrics), "read metrics",
                                            deadline=deadline)
         self._outbox = Outbox(client, self.run_id, self.spool_dir)
+        if self.system_metrics:
+            self._monitor = start_system_metrics(self.run_id, self.tracking_uri, resume=self.reopened)
 
     def on_zero_shot(self, scores: dict[str, float | None], knowledge: dict[str, float | None] | None) -> None:
         self._zero_shot, self._knowledge_zero_shot = dict(scores), (dict(knowledge) if knowledge else None)
@@ -174,7 +180,7 @@ class MlflowTracker:
         if report.knowledge is not None:
             values.update({f"gk/{t}": v for t, v in report.knowledge.items()})
             values["avg_seen_gk"] = mean_seen(report.knowledge, seen)
-        values.update(stage_seconds=report.seconds, stage_reused=float(report.reused))
+        values.update(stage_seconds=report.seconds, stage_reused=float(report.reused), **report.cost)
         self._metrics(values, step=k)
         if report.train_losses:
             self._metrics_points([("train/loss", float(loss), int(step)) for step, loss in report.train_losses])
@@ -194,7 +200,8 @@ class MlflowTracker:
         from tracking.plots import figure_png, matrices_figure
 
         last = len(result.order) - 1
-        self._metrics({**result.metrics, "stages_reused": float(len(result.stages_reused))}, step=0)
+        self._metrics({**result.metrics, "stages_reused": float(len(result.stages_reused)),
+                       "device_hours": result.device_hours, "device_hours_saved": result.device_hours_saved}, step=0)
         self._tags({"reused_stages": ",".join(str(s) for s in result.stages_reused)})
         self._matrix_artifacts("eval_matrix", result.matrix, result.zero_shot, figure=True)
         if result.knowledge_matrix:
@@ -221,6 +228,9 @@ class MlflowTracker:
     def _finish(self, status: str) -> None:
         if self._outbox is None:  # on_run_start never succeeded: nothing was opened
             return
+        if self._monitor is not None:  # its last samples are logged before the run is closed
+            self._monitor.finish()
+            self._monitor = None
         self._put(Write("status", status=status))
         self.spooled_to = self._outbox.close(self.flush_timeout_s)
         self._outbox = None
@@ -273,6 +283,21 @@ class MlflowTracker:
             fig = matrix_figure(payload["tasks"], payload["matrix"], payload["zero_shot"],
                                 title=f"{title}: {self.run_name}")
             self._artifact(f"{name}.png", figure_png(fig))
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, resume: bool = False) -> Any:
+    """MLflow's system metrics monitor on `run_id` (system/cpu_utilization_percentage, system/gpu_*, ...: every
+    10 s, or MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL), or None where psutil is missing (GPU metrics also need
+    pynvml; MLflow leaves them out without it)."""
+    try:
+        import psutil  # noqa: F401 (MLflow's monitor needs it)
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        log.info("no system metrics on run %s: psutil is not installed", run_id)
+        return None
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
 
 
 def mark_run_failed(tracking_uri: str, experiment: str, run_key: str, parent_run_id: str | None = None,

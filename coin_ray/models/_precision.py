@@ -42,7 +42,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _cuda_bf16(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    """Whether `device` computes in bf16. A process that sees no GPU (a sweep's driver or trial planning the
+    stage keys of GPU workers) assumes the workers' GPUs do (Ampere or newer)."""
+    if device.type != "cuda":
+        return False
+    return not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
 
 
 def resolve_dtype(model_dtype: str, device: torch.device) -> torch.dtype:

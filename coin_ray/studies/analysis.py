@@ -16,6 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from coin_ray.studies.designs import distinct_prefixes
+from coin_ray.studies.power import power_statement, seeds_needed, variance_components
+
 
 @dataclass
 class OrderAnalysis:
@@ -71,10 +74,14 @@ def _final_scores(trial: dict[str, Any]) -> dict[str, float]:
     return {t: matrix[-1][j] for j, t in enumerate(order) if matrix[-1][j] is not None}
 
 
-def analyse_orders(trials: Sequence[dict[str, Any]], metric: str = "mfn", alpha: float = 0.05) -> OrderAnalysis:
+def analyse_orders(trials: Sequence[dict[str, Any]], metric: str = "mfn", alpha: float = 0.05,
+                   hours_per_stage: float | None = None) -> OrderAnalysis:
+    """The order analysis; where orders are not distinguishable from seed noise, the verdict says how many seeds
+    would make them so and what that costs (`hours_per_stage`: the study's measured device-hours per stage)."""
     if not trials:
         raise ValueError("no finished trials to analyse")
     trials = distinct_runs(trials)
+    per_seed = distinct_prefixes(list(dict.fromkeys(tuple(t["order"]) for t in trials)))
     rows = [{**configuration(t), "seed": t.get("seed", 0), "value": t["metrics"].get(metric)} for t in trials]
     df = pd.DataFrame(rows).dropna(subset=["value"])
     # grouped by the whole configuration; the table shows the order and whatever else varies
@@ -84,7 +91,8 @@ def analyse_orders(trials: Sequence[dict[str, Any]], metric: str = "mfn", alpha:
                  .agg(n_seeds="count", mean="mean", std="std", min="min", max="max")
                  .reset_index().sort_values("mean", ascending=False))
     others = shown[1:]
-    variance = _anova(df, alpha, factor="order" if not others else "configuration")
+    variance = _anova(df, alpha, factor="order" if not others else "configuration", metric=metric,
+                      stages_per_seed=per_seed, hours_per_stage=hours_per_stage)
     notes = [variance["verdict"]]
     if others:
         notes.append(f"the configurations differ in {', '.join(others)} besides the order: the effect measured is "
@@ -138,7 +146,7 @@ def analyse_methods(trials: Sequence[dict[str, Any]], metric: str = "mfn", alpha
     rows, verdicts, per_order = [], {}, []
     for method, group in df.groupby("method", sort=True):
         means = group.groupby("order")["value"].mean()
-        variance = _anova(group.assign(config=group["order"]), alpha, factor="order")
+        variance = _anova(group.assign(config=group["order"]), alpha, factor="order", metric=metric)
         verdicts[str(method)] = variance["verdict"]
         rows.append({"method": method, "trials": len(group), "mean": group["value"].mean(),
                      "sd_orders": means.std(ddof=1) if len(means) > 1 else np.nan,
@@ -155,8 +163,10 @@ def format_methods(spread: MethodSpread, metric: str = "mfn") -> str:
                       *[f"  {m}: {v}" for m, v in spread.verdicts.items()]])
 
 
-def _anova(df: pd.DataFrame, alpha: float, factor: str = "order") -> dict[str, Any]:
-    """One-way ANOVA of df["value"] with df["config"] as the factor (its levels are called `factor`s)."""
+def _anova(df: pd.DataFrame, alpha: float, factor: str = "order", metric: str = "mfn", **cost: Any) -> dict[str, Any]:
+    """One-way ANOVA of df["value"] with df["config"] as the factor (its levels are called `factor`s). An order
+    effect it cannot tell from seed noise comes with the seeds it would need (`studies.power`; `cost`: the
+    stages per seed and device-hours per stage of that statement)."""
     groups = [g["value"].to_numpy(float) for _, g in df.groupby("config")]
     k, n = len(groups), len(df)
     out: dict[str, Any] = {"orders": k, "runs": n}
@@ -185,6 +195,13 @@ def _anova(df: pd.DataFrame, alpha: float, factor: str = "order") -> dict[str, A
     out["verdict"] = (f"{factor} effect distinguishable from seed noise (F={f:.2f}, p={p:.3g}, {share})" if p < alpha
                       else f"{factor} differences are NOT distinguishable from seed noise (F={f:.2f}, p={p:.3g}, "
                            f"{share})")
+    components = variance_components(groups)
+    if components is not None:
+        out.update(var_orders=components.var_orders, var_seeds=components.var_seeds)
+        if p >= alpha and factor == "order":  # not a bare "no": what the question would need
+            out["power"] = power_statement(components, metric, **cost)
+            out["seeds_needed"] = seeds_needed(components.orders, components.var_orders, components.var_seeds)
+            out["verdict"] += "; " + out["power"]
     return out
 
 

@@ -50,6 +50,19 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-concurrent-trials", type=int, help="trials at once (default: what the cluster fits)")
     s.add_argument("--storage-path", help="where checkpoints, the stage store and Tune state go (shared on a cluster)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted sweep from its storage path")
+    c = p.add_argument_group("cost")
+    c.add_argument("--plan", action="store_true",
+                   help="print what the sweep would train, reuse and cost (stage tree, tokens, answers, memory, "
+                        "device-hours; last line JSON) and exit without starting a trial")
+    c.add_argument("--throughput", type=float, metavar="TOKENS_PER_S",
+                   help="training tokens per second of one trial, for the plan's device-hours (default: measured "
+                        "on comparable stages in the stage store)")
+    c.add_argument("--budget-hours", type=float, metavar="H",
+                   help="refuse the sweep, before any trial, when its plan estimates more than H device-hours "
+                        "(or cannot estimate them)")
+    c.add_argument("--pilot", metavar="SWEEP",
+                   help="with --plan: a finished sweep (its MLflow sweep-run name) whose order and seed variance "
+                        "size the seeds the question needs")
     t = p.add_argument_group("tracking")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     t.add_argument("--experiment", help="MLflow experiment name")
@@ -75,6 +88,11 @@ def check_common_args(args: argparse.Namespace) -> None:
     check_count("--max-concurrent-trials", args.max_concurrent_trials)
     check_count("--workers-per-trial", args.workers_per_trial, 0)
     check_count("--gpus-per-worker", args.gpus_per_worker, 0)
+    if args.throughput is not None and not args.throughput > 0:
+        raise UsageError(f"--throughput must be > 0 tokens per second, got {args.throughput:g}")
+    check_count("--budget-hours", args.budget_hours, 0)
+    if args.pilot and not args.plan:
+        raise UsageError("--pilot sizes the seeds in a plan: add --plan")
 
 
 def parse_list(flag: str, text: str, cast: type = int, minimum: float | None = 1) -> list:

@@ -4,6 +4,7 @@ MLflow UI)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from typing import Any
@@ -69,6 +70,65 @@ def display_varied(table: Any, shown: list[str]) -> Any:
     return out
 
 
+def plan_or_budget(spec: SweepSpec, prepared: PreparedData, args: argparse.Namespace) -> None:
+    """`--plan`: print the sweep's plan (its last line one JSON object) and exit 0 (2 when over
+    `--budget-hours`); `--budget-hours`: refuse a sweep whose plan is over it or has no estimate. Before any
+    trial or MLflow run starts."""
+    if not args.plan and args.budget_hours is None:
+        return
+    from coin_ray.studies.plan import budget_problem, build_plan
+
+    with span("plan"):
+        plan = build_plan(spec.base, spec.param_space, spec.num_samples, prepared, throughput=args.throughput)
+    problem = budget_problem(plan, args.budget_hours) if args.budget_hours is not None else None
+    if args.plan:
+        print("\n".join(plan.lines(spec.name)))
+        if args.pilot:
+            print(pilot_report(spec, args, plan))
+        print(json.dumps(plan.summary()), flush=True)
+    if problem:
+        cli.fail(problem)
+    if args.plan:
+        raise SystemExit(0)
+    print(f"[coin-ray] budget: the plan estimates {plan.device_hours:.2f} of --budget-hours {args.budget_hours:g} "
+          f"device-hours ({len(plan.to_train)} stages to train)", flush=True)
+
+
+def pilot_report(spec: SweepSpec, args: argparse.Namespace, plan: Any) -> str:
+    """The seeds the order question needs at this plan's orders, from the finished sweep `--pilot` names (its
+    MLflow sweep run in this experiment; the name with or without its 6-digit key): the variance of its trials'
+    --metric between orders and between seeds (`studies.power`)."""
+    from mlflow import MlflowClient
+
+    from coin_ray.studies.designs import distinct_prefixes
+    from coin_ray.studies.power import power_statement, variance_components
+    from tracking import resolve_tracking_uri
+
+    cfg, name, metric = spec.base, args.pilot, getattr(args, "metric", "mfn")
+    client = MlflowClient(resolve_tracking_uri(cfg.tracking.tracking_uri))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=5000) if exp is not None else []
+    sweeps = [r for r in runs if "mlflow.parentRunId" not in r.data.tags
+              and (r.info.run_name == name or r.info.run_name.rsplit("-", 1)[0] == name)]
+    if not sweeps:
+        raise cli.UsageError(f"--pilot {name}: no sweep run of that name in MLflow experiment "
+                             f"{cfg.tracking.experiment!r}: pass the name a finished sweep printed (or --experiment)")
+    parent = sweeps[0].info.run_id
+    groups: dict[str, list[float]] = {}
+    for r in runs:
+        if r.data.tags.get("mlflow.parentRunId") == parent and metric in r.data.metrics:
+            groups.setdefault(r.data.params.get("task_order", ""), []).append(r.data.metrics[metric])
+    components = variance_components(list(groups.values()))
+    if components is None:
+        return (f"pilot {name}: {sum(map(len, groups.values()))} finished trials over {len(groups)} orders; sizing "
+                "the seeds needs 2 orders and a second seed of one")
+    hours = plan.device_hours
+    return f"pilot {name}: " + power_statement(
+        components, metric, orders=len(plan.orders) or None,
+        stages_per_seed=distinct_prefixes(plan.orders) if plan.orders else None,
+        hours_per_stage=hours / len(plan.to_train) if hours is not None and plan.to_train else None)
+
+
 @span("tracking")
 def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design: str,
                  pareto: bool = False) -> dict[str, Any]:
@@ -101,6 +161,7 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
     finished = [t for t in done if t.get("baseline") is None]
     tables, figures, summaries = {}, {}, []
     metrics = {"stages_trained": outcome.stages_trained, "stages_reused": outcome.stages_reused,
+               "device_hours": outcome.device_hours, "device_hours_saved": outcome.device_hours_saved,
                "trials_finished": len(done), "trials": len(outcome.trials), "trials_partial": int(partial.sum())}
     if joint and finished:
         gaps = joint_gaps(finished, joint, metric)
@@ -123,7 +184,9 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
     if skip:
         summaries.append(skip)
     elif finished:
-        analysis = analyse_orders(finished, metric=metric)
+        slots = outcome.stages_trained + outcome.stages_reused  # what a stage costs, stored or not
+        analysis = analyse_orders(finished, metric=metric, hours_per_stage=(
+            (outcome.device_hours + outcome.device_hours_saved) / slots if slots else None))
         summaries.append(format_analysis(analysis, metric))
         tables.update({"per_order": analysis.per_order.set_index("order"),
                        "task_spread": analysis.task_spread.set_index("task"), "position": analysis.position})
@@ -132,8 +195,8 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
             tables["carry_over"] = analysis.carry_over
             figures["carry_over"] = table_heatmap(
                 analysis.carry_over, "drop of A (row) when B (col) is trained right after", cmap="Reds")
-        for key in ("eta_squared", "p_value", "F", "seed_std"):
-            if key in analysis.variance:
+        for key in ("eta_squared", "p_value", "F", "seed_std", "seeds_needed"):
+            if analysis.variance.get(key) is not None:
                 metrics[f"order_{key}"] = analysis.variance[key]
         methods = analyse_methods(finished, metric=metric)
         summaries.append(format_methods(methods, metric))
@@ -146,6 +209,7 @@ def finish_sweep(spec: SweepSpec, outcome: SweepOutcome, *, metric: str, design:
     for text in summaries:
         print("\n" + text)
     print(f"\nstages trained: {outcome.stages_trained}, stages reused from the stage store: {outcome.stages_reused}")
+    print(outcome.cost_line())
     if spec.tracking and outcome.sweep_run_id:
         from tracking import close_sweep_run, experiment_runs_url, log_sweep_artifacts, sweep_compare_url
 

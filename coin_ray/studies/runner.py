@@ -65,6 +65,7 @@ class TrialTracking:
     parent_run_id: str
     sweep: str
     spool_dir: str
+    system_metrics: bool = True  # MLflow's system/* metrics on each trial run (tracking.system_metrics)
 
     def tracker(self, name: str, run_key: str) -> Any:
         """A factory of the trial's MlflowTracker (built on the worker that runs the trial's rank 0)."""
@@ -72,7 +73,7 @@ class TrialTracking:
 
         return functools.partial(MlflowTracker, self.tracking_uri, self.experiment, name,
                                  parent_run_id=self.parent_run_id, tags={"coin_ray.sweep": self.sweep},
-                                 run_key=run_key, spool_dir=self.spool_dir)
+                                 run_key=run_key, spool_dir=self.spool_dir, system_metrics=self.system_metrics)
 
     def mark_failed(self, run_key: str, status: str = "FAILED") -> None:
         from tracking import mark_run_failed
@@ -92,12 +93,13 @@ def trial_trainable(config: dict[str, Any], *, base: dict[str, Any], prepared: P
     cfg = trial_config(base, config, prepared.data_hash)
     key = run_key(cfg.name, cfg.flatten(), prepared.data_hash)
     hooks_factory = tracking.tracker(cfg.name, key) if tracking is not None else None
+    import ray.tune as tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     try:
         with span(TRIAL, trial=cfg.name):
             run_continual(cfg, hooks_factory=hooks_factory, prepared=prepared,
-                          train_callbacks=[TuneReportCallback()], verbose=verbose)
+                          train_callbacks=[TuneReportCallback()], verbose=verbose, report=tune.report)
     except BaseException:
         if tracking is not None:
             tracking.mark_failed(key)
@@ -129,6 +131,12 @@ class SweepOutcome:
     stages_trained: int
     stages_reused: int
     storage: Path
+    device_hours: float = 0.0  # what the finished trials trained and evaluated cost
+    device_hours_saved: float = 0.0  # what their reused stages cost when they were trained
+
+    def cost_line(self) -> str:
+        return (f"device-hours: {self.device_hours:.2f} trained, {self.device_hours_saved:.2f} saved by the "
+                "stage store")
 
 
 def sweep_key(spec: SweepSpec, data_hash: str) -> str:
@@ -177,7 +185,8 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
                                           tags={"coin_ray.sweep": spec.name, **environment_tags(environment())})
         tracking = TrialTracking(cfg.tracking.tracking_uri, cfg.tracking.experiment, sweep_run_id, spec.name,
                                  # undelivered MLflow writes stay beside the results (shared storage on a cluster)
-                                 spool_dir=str(storage / "mlflow_spool"))
+                                 spool_dir=str(storage / "mlflow_spool"),
+                                 system_metrics=cfg.tracking.system_metrics)
     from coin_ray.training.continual import with_train_datasets
 
     with span("data loading"):
@@ -224,6 +233,7 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
             row.update(matrix=rr.matrix, knowledge_matrix=rr.knowledge_matrix, metrics=rr.metrics,
                        stages_reused=len(rr.stages_reused), zero_shot=rr.zero_shot, partial=False,
                        environment=rr.environment,
+                       device_hours=rr.device_hours, device_hours_saved=rr.device_hours_saved,
                        stage_reached=row["n_stages"], last_reported={})
         except NoRunResult:  # stopped early (ASHA) or failed: no final metrics, only what Tune saw last
             last = {k: v for k, v in (res.metrics or {}).items() if isinstance(v, (int, float))}
@@ -240,7 +250,9 @@ def run_sweep(spec: SweepSpec, prepared: PreparedData) -> SweepOutcome:
     stages_total = sum(1 if t["baseline"] == "joint" else len(t["order"]) for t in finished)
     reused = sum(t["stages_reused"] for t in finished)
     outcome = SweepOutcome(trials=trials, sweep_run_id=sweep_run_id, experiment_id=None,
-                           stages_trained=stages_total - reused, stages_reused=reused, storage=storage)
+                           stages_trained=stages_total - reused, stages_reused=reused, storage=storage,
+                           device_hours=sum(t["device_hours"] for t in finished),
+                           device_hours_saved=sum(t["device_hours_saved"] for t in finished))
     return outcome
 
 

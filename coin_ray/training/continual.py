@@ -9,7 +9,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from coin_ray.config import ExperimentConfig
 from coin_ray.errors import UserError
@@ -154,11 +154,35 @@ def ingest_needs_cpu(cfg: ExperimentConfig, prepared: PreparedData) -> bool:
     return cfg.scaling.num_workers > 1 or not all(_fits_object_store(cfg, prepared, t) for t in cfg.order)
 
 
+def stage_parts(cfg: ExperimentConfig, rows: Mapping[str, Mapping[str, int]]) -> list[list[tuple[str, int, str]]]:
+    """What each stage trains on, as (task, rows, role) parts: role "own" is the task's train split (a subset
+    under data.train_fraction / data.max_train_rows), "replay" a sample of train.replay_per_task rows of a past
+    task; a joint run (train.joint) has one stage of every task's own rows. `rows` is `PreparedData.rows`.
+    `stage_datasets` builds the stages from it and the plan counts them with it."""
+    from coin_ray.training import data_order as do
+    from coin_ray.training.stages import stage_prefixes
+
+    d, t = cfg.data, cfg.train
+
+    def own(task: str) -> tuple[str, int, str]:
+        m = do.fraction_rows(rows[task]["train"], d.train_fraction)
+        if d.max_train_rows is not None:
+            m = min(m, d.max_train_rows)
+        return task, min(m, rows[task]["train"]), "own"
+
+    stages = []
+    for prefix in stage_prefixes(cfg):
+        parts = [own(task) for task in prefix] if t.joint else [own(prefix[-1])]
+        if t.replay_per_task > 0 and not t.joint:
+            parts += [(past, min(t.replay_per_task, rows[past]["train"]), "replay") for past in prefix[:-1]]
+        stages.append(parts)
+    return stages
+
+
 def stage_datasets(cfg: ExperimentConfig, prepared: PreparedData) -> tuple[dict[str, Any], list[int]]:
-    """Ray Data datasets `stage_<k>` and their row counts: task k's train split (a seeded random subset under
-    data.train_fraction / data.max_train_rows) plus a seeded random sample of train.replay_per_task rows of
-    each past task, every epoch in its own seeded global order (`data_order`). A joint run (train.joint) has
-    one stage: the union of every task of the order."""
+    """Ray Data datasets `stage_<k>` and their row counts: the parts of `stage_parts` (a seeded random subset of
+    task k's train split, a seeded random sample of each past task's for replay), every epoch in its own seeded
+    global order (`data_order`)."""
     from pipelines import load_split
 
     from coin_ray.training import data_order as do
@@ -170,28 +194,20 @@ def stage_datasets(cfg: ExperimentConfig, prepared: PreparedData) -> tuple[dict[
         cached = prepared.train_datasets.get(task)
         return cached if cached is not None else load_split(prepared.processed, task, "train")
 
-    def sample(task: str, m: int, seed: Any) -> tuple[Any, int]:
-        n = prepared.rows[task]["train"]
-        if m >= n:
-            return split(task), n
+    def sample(task: str, m: int, seed: Any) -> Any:
+        if m >= prepared.rows[task]["train"]:
+            return split(task)
         keep = do.subset_indices(do.split_indices(prepared.splits[task]["train"]), task, seed, m)
-        return do.keep_rows(split(task), keep), len(keep)
-
-    def own_rows(task: str) -> tuple[Any, int]:
-        m = do.fraction_rows(prepared.rows[task]["train"], d.train_fraction)
-        if d.max_train_rows is not None:
-            m = min(m, d.max_train_rows)
-        return sample(task, m, do.derived_seed(d.seed, "train"))
+        return do.keep_rows(split(task), keep)
 
     datasets: dict[str, Any] = {}
     rows: list[int] = []
-    for k, prefix in enumerate(stage_prefixes(cfg)):
-        parts = [own_rows(task) for task in prefix] if t.joint else [own_rows(prefix[-1])]
-        if t.replay_per_task > 0 and not t.joint:
-            seed = stage_seed(t.seed, prefix)
-            parts += [sample(past, t.replay_per_task, do.derived_seed(seed, "replay")) for past in prefix[:-1]]
-        ds = parts[0][0].union(*[p[0] for p in parts[1:]]) if len(parts) > 1 else parts[0][0]
-        n = sum(p[1] for p in parts)
+    for k, (prefix, parts) in enumerate(zip(stage_prefixes(cfg), stage_parts(cfg, prepared.rows))):
+        replay_seed = do.derived_seed(stage_seed(t.seed, prefix), "replay")
+        sets = [sample(task, m, do.derived_seed(d.seed, "train") if role == "own" else replay_seed)
+                for task, m, role in parts]
+        ds = sets[0].union(*sets[1:]) if len(sets) > 1 else sets[0]
+        n = sum(m for _, m, _ in parts)
         _, per_step, steps = stage_schedule(cfg, prefix, n)
         epochs = do.epochs_needed(steps, n, per_step)
         stage_bytes = epochs * n * _row_bytes(cfg)
@@ -248,8 +264,11 @@ def check_resources(cfg: ExperimentConfig) -> None:
 
 def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks] | None = None,
                   prepared: PreparedData | None = None, step_callbacks: Sequence[Callable[..., None]] = (),
-                  train_callbacks: list[Any] | None = None, verbose: bool = False) -> RunResult:
-    """Train and evaluate every stage of `cfg.order`; resumes finished stages from the stage store.
+                  train_callbacks: list[Any] | None = None, verbose: bool = False,
+                  report: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    """Train and evaluate every stage of `cfg.order`; resumes finished stages from the stage store. A run whose
+    every stage and evaluation cell is stored starts no worker: it is assembled from the store
+    (`from_store.run_from_store`), and `report(metrics)` (e.g. Tune's) gets its per-stage reports.
 
     Ray must be initialised (`ray.init`) by the caller: Ray Data serves the training shards in both modes.
     `step_callbacks` are called after every optimizer step as cb(stage=k, step=s) (e.g. `faults.KillOnce`).
@@ -267,7 +286,12 @@ def run_continual(cfg: ExperimentConfig, *, hooks_factory: Callable[[], RunHooks
         raise RunSetupError(f"tasks {missing} are not in the prepared data ({prepared.tasks})")
     check_resources(cfg)
     from coin_ray.profiling import span
+    from coin_ray.training.from_store import run_from_store
 
+    with span("tracking", part="run from the store"):
+        stored = run_from_store(cfg, prepared, hooks_factory=hooks_factory, report=report)
+    if stored is not None:
+        return stored
     with span("data loading"):
         prepared = with_train_datasets(cfg, prepared)
         datasets, stage_rows = stage_datasets(cfg, prepared)

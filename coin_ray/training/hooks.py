@@ -35,6 +35,7 @@ class StageReport:
     predictions: list[dict[str, Any]]  # capped samples: task, question_id, prompt, prediction, reference, score
     reused: bool  # True when the stage came from the stage store instead of training
     seconds: float  # wall time of the stage (train + eval)
+    cost: dict[str, float] = field(default_factory=dict)  # the stage/* metrics (coin_ray.training.accounting)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class RunResult:
     stages_reused: tuple[int, ...] = field(default=())  # indices of stages served by the stage store
     adapter_dir: str | None = None  # final stage checkpoint folder (adapter + trainable parts)
     environment: dict[str, str] = field(default_factory=dict)  # where it ran (coin_ray.environment.environment)
+    device_hours: float = 0.0  # what this run trained and evaluated cost (coin_ray.training.accounting)
+    device_hours_saved: float = 0.0  # what the stages and cells it reused from the store cost when computed
 
 
 class RunHooks(Protocol):

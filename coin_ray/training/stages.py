@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 
 from coin_ray.config import ExperimentConfig
+from coin_ray.training.accounting import (ACCOUNTING_KEY, StageCost, device_kind, devices_of, peak_memory_gb,
+                                          reduce_counts, reset_peak_memory, stored_device_hours)
 from coin_ray.training.build import resolved_precision
 from coin_ray.training.store import StageEntry, stage_key
 from coin_ray.training.worker import WorkerRun
@@ -87,6 +90,29 @@ def stage_material(cfg: ExperimentConfig, data_hash: str, prefix: tuple[str, ...
     return material
 
 
+def run_device(cfg: ExperimentConfig) -> torch.device:
+    """The device type a run's workers train on, as the driver sees it (for stage keys computed before the run)."""
+    return torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
+
+
+def stage_keys(cfg: ExperimentConfig, data_hash: str) -> list[tuple[tuple[str, ...], str]]:
+    """(prefix, stage-store key) of every stage of the run, as its workers will compute them: what the plan and
+    the fully-stored check look up in the store."""
+    device = run_device(cfg)
+    return [(prefix, stage_key(stage_material(cfg, data_hash, prefix, device))) for prefix in stage_prefixes(cfg)]
+
+
+def zero_shot_key(cfg: ExperimentConfig, data_hash: str) -> str:
+    """The store key under which the base model's evaluation cells (the zero-shot row) are kept."""
+    return stage_key(stage_material(cfg, data_hash, (), run_device(cfg)))
+
+
+def store_root(cfg: ExperimentConfig) -> Path:
+    """The stage store of a run: shared under the storage path, or the run's own with use_stage_cache off."""
+    storage = Path(cfg.storage_path).resolve()
+    return storage / "stage_store" if cfg.use_stage_cache else storage / "runs" / cfg.name / "stages"
+
+
 def adapter_weights_file(entry: StageEntry) -> Path:
     from coin_ray.tuners import TUNER_WEIGHTS_NAME
 
@@ -95,12 +121,14 @@ def adapter_weights_file(entry: StageEntry) -> Path:
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage as the loop sees it: its store entry, its training losses, and whether it was reused."""
+    """A stage as the loop sees it: its store entry, its training losses, whether it was reused, and what its
+    training cost here (or, reused, what it cost when it was trained)."""
 
     key: str
     entry: StageEntry
     losses: list[tuple[int, float]]
     reused: bool
+    cost: StageCost
 
 
 def obtain_stage(run: WorkerRun, prefix: tuple[str, ...]) -> Stage:
@@ -122,21 +150,29 @@ def obtain_stage(run: WorkerRun, prefix: tuple[str, ...]) -> Stage:
         env.barrier()
         if env.rank != 0:
             entry = store.get(key)
+    cost = StageCost(devices=devices_of(run.cfg), device_kind=device_kind(env.device), reused=entry is not None)
     if entry is not None:
         run.weights.select(entry)
-        return Stage(key, entry, _stored_losses(entry), reused=True)
+        cost.saved_device_hours = stored_device_hours(entry.meta()) if env.rank == 0 else 0.0
+        return Stage(key, entry, stored_losses(entry), reused=True, cost=cost)
     try:
         run.weights.ensure()
-        losses, optim_state = train_stage(run, prefix)
+        reset_peak_memory(env.device)
+        started = time.perf_counter()
+        losses, optim_state, (examples, tokens) = train_stage(run, prefix)
+        cost.train_seconds = time.perf_counter() - started
+        cost.train_examples, cost.train_tokens, cost.peak_memory_gb = reduce_counts(
+            env, examples, tokens, peak_memory_gb(env.device))
         if env.rank == 0:
-            entry = store.put(key, material, lambda directory: _write_stage(run, losses, optim_state, directory))
+            entry = store.put(key, material, lambda directory: _write_stage(run, losses, optim_state, directory),
+                              extra_meta={ACCOUNTING_KEY: cost.stored()})
     finally:
         if claim is not None:
             claim.release()
     env.barrier()
     entry = entry or store.get(key)
     run.weights.holds(entry)
-    return Stage(key, entry, losses, reused=False)
+    return Stage(key, entry, losses, reused=False, cost=cost)
 
 
 def _write_stage(run: WorkerRun, losses: list[tuple[int, float]], optim_state: dict[str, Any],
@@ -151,6 +187,6 @@ def _write_stage(run: WorkerRun, losses: list[tuple[int, float]], optim_state: d
                directory / "rng_state.pt")
 
 
-def _stored_losses(entry: StageEntry) -> list[tuple[int, float]]:
+def stored_losses(entry: StageEntry) -> list[tuple[int, float]]:
     path = entry.checkpoint / LOSSES_FILE
     return [tuple(x) for x in json.loads(path.read_text())] if path.is_file() else []

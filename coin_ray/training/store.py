@@ -8,7 +8,8 @@ Layout under the store root::
 
     <root>/<key>/                  one finished stage (complete or absent, never torn)
         checkpoint/                adapter + trainable parts (safetensors + JSON), optimizer/scheduler state
-        meta.json                  the key material, creation time, sha256 of every checkpoint file
+        meta.json                  the key material, creation time, sha256 of every checkpoint file, and what
+                                   training it cost (`accounting`: examples, tokens, seconds, device kind)
         eval/<Task>.json           one evaluation cell (+ knowledge score, sample predictions), added lazily
 
 Writes are atomic: a stage is written into ``<root>/.tmp-<key>-<uuid>`` and renamed into place. Trials that
@@ -203,8 +204,10 @@ class StageStore:
         shutil.rmtree(torn, ignore_errors=True)
         return True
 
-    def put(self, key: str, material: dict[str, Any], write_checkpoint: Callable[[Path], None]) -> StageEntry:
-        """Write a stage: `write_checkpoint(dir)` fills the checkpoint folder; then checksum and rename."""
+    def put(self, key: str, material: dict[str, Any], write_checkpoint: Callable[[Path], None],
+            extra_meta: dict[str, Any] | None = None) -> StageEntry:
+        """Write a stage: `write_checkpoint(dir)` fills the checkpoint folder; then checksum and rename.
+        `extra_meta` joins meta.json (e.g. the stage's measured cost, `accounting`)."""
         from coin_ray._files import write_dir_atomic
 
         def fill(tmp: Path) -> None:
@@ -215,7 +218,7 @@ class StageStore:
                 str(p.relative_to(tmp)): _sha256(p)
                 for p in sorted((tmp / "checkpoint").rglob("*")) if p.is_file()
             }
-            meta = {"key": key, "material": material, "created": time.time(), "files": files}
+            meta = {"key": key, "material": material, "created": time.time(), "files": files, **(extra_meta or {})}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
 
         # a torn key folder is cleared and the rename tried once more; otherwise another writer finished the

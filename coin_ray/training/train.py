@@ -51,9 +51,11 @@ def parameter_groups(model: torch.nn.Module, lr: float, projector_lr: float | No
     return [g for g in ({"params": rest, "lr": lr}, {"params": projector, "lr": projector_lr}) if g["params"]]
 
 
-def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int, float]], dict[str, Any]]:
-    """Train the stage ending `prefix`; returns (step, loss) pairs and the final optimizer/scheduler state
-    (kept in the stage checkpoint)."""
+def train_stage(run: WorkerRun, prefix: tuple[str, ...]
+                ) -> tuple[list[tuple[int, float]], dict[str, Any], tuple[int, int]]:
+    """Train the stage ending `prefix`; returns (step, loss) pairs, the final optimizer/scheduler state (kept in
+    the stage checkpoint) and this rank's (examples, tokens) trained: tokens are the non-padding ones of the
+    attention mask, image tokens included (the prompt holds them expanded)."""
     from transformers import get_cosine_schedule_with_warmup
 
     from coin_ray.tuners import tuner_aux_loss
@@ -93,12 +95,14 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
             "in bf16 or fp32 (train.precision)")
 
     losses: list[tuple[int, float]] = []
-    step = micro = 0
+    step = micro = examples = tokens = 0
     running = 0.0
     while step < steps:  # the shard holds every epoch, each in its own seeded global order (data_order)
         n_batches = 0
         for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
             n_batches += 1
+            examples += len(batch["input_ids"])
+            tokens += int(batch["attention_mask"].sum())
             batch = {name: x.to(env.device) for name, x in batch.items()}
             last_micro = (micro + 1) % t.grad_accum == 0
             sync = contextlib.nullcontext() if (env.world <= 1 or last_micro) else train_model.no_sync()
@@ -144,4 +148,5 @@ def train_stage(run: WorkerRun, prefix: tuple[str, ...]) -> tuple[list[tuple[int
     bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
     if bad:
         raise non_finite(f"weights ({len(bad)} tensors, e.g. {bad[0]})", math.nan)
-    return losses, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "steps": step}
+    return (losses, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "steps": step},
+            (examples, tokens))
