@@ -295,6 +295,9 @@ def start_system_metrics(run_id: str, tracking_uri: str, resume: bool = False) -
     except ImportError:
         log.info("no system metrics on run %s: psutil is not installed", run_id)
         return None
+    # MLflow gives its loggers a handler of their own at info level: the monitor's start/stop lines, four per
+    # trial, would be all a sweep prints between its stage lines
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=tracking_uri)
     monitor.start()
     return monitor
